@@ -1,0 +1,20 @@
+"""How a model is reached. One module per kind of backend; all speak the :class:`Backend` protocol."""
+
+from __future__ import annotations
+
+from adapters._base import Backend, GradientBackend, ModelInfo, ScoreResult
+
+__all__ = ["BACKENDS", "Backend", "GradientBackend", "ModelInfo", "ScoreResult", "make_backend"]
+
+BACKENDS = ("local",)
+
+
+def make_backend(kind: str, **kwargs) -> Backend:
+    """Build a backend by kind; imports are lazy so unused backends cost nothing."""
+    from bbpt.errors import ConfigError
+
+    if kind == "local":
+        from adapters.hf import HFBackend
+
+        return HFBackend(kwargs["model"], device=kwargs.get("device", "auto"), dtype=kwargs.get("dtype", "float32"))
+    raise ConfigError(f"unknown --backend {kind!r}; available: {', '.join(BACKENDS)}")

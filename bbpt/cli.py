@@ -1,0 +1,165 @@
+"""The ``bbpt`` command line. Only argparse and the standard library load at start, so ``--help`` is instant;
+each subcommand imports what it needs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from bbpt.errors import BbptError
+
+log = logging.getLogger("bbpt")
+
+EPILOG = """examples:
+  bbpt optimize --task sst2 --optimizer cma --budget 300 --seed 0
+  bbpt optimize --task sst2 --optimizer backprop --budget 40
+  bbpt optimize --data my.jsonl --template "Review: {text}\\nSentiment:" --labels " negative" " positive"
+  bbpt eval --prompt runs/<study> --split test
+  bbpt predict --prompt runs/<study> "a gorgeous, witty, seductive movie."
+  bbpt studies list
+"""
+
+
+def _add_task_args(p: argparse.ArgumentParser, default_task: str | None = "sst2") -> None:
+    g = p.add_argument_group("task (built-in, or your own file)")
+    g.add_argument("--task", default=None, help=f"built-in task: sst2, yelp, agnews, dbpedia, mrpc, rte, snli "
+                                                f"(default {default_task} unless --data is given)")
+    g.add_argument("--data", help="your examples as .jsonl or .csv (needs --template and --labels)")
+    g.add_argument("--test-data", help="a separate test file for --data (default: what few-shot sampling leaves)")
+    g.add_argument("--template", help='format string with {text} (and {text_pair}, {prompt}); '
+                                      '{prompt} marks where the prompt goes, else it is a prefix')
+    g.add_argument("--labels", nargs="+", help='label words, one per class in label-index order, with their '
+                                               'leading space: --labels " negative" " positive"')
+    g.add_argument("--label-names", nargs="+", help="names used for the labels in --data (default: the words)")
+    g.add_argument("--text-field", default="text", help="field holding the input text (default: text)")
+    g.add_argument("--text-pair-field", help="field holding the second text of a pair task")
+    g.add_argument("--label-field", default="label", help="field holding the label (index or name)")
+    g.add_argument("--shots", type=int, default=16, help="examples per class for train, and again for dev "
+                                                         "(default 16, BBT's protocol)")
+    g.add_argument("--max-test", type=int, help="score only the first N test examples (quick looks)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the few-shot split, projection and optimizer")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="smollm2-135m (default, from PyPI, no hub needed), a local directory, or a hub id")
+    g.add_argument("--backend", default="local", help="how the model is reached: local (default)")
+    g.add_argument("--endpoint", help="server URL for remote backends")
+    g.add_argument("--api-key", default=os.environ.get("BBPT_API_KEY"), help="bearer key for remote backends "
+                                                                             "(or BBPT_API_KEY); never stored")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", default=None,
+                   help="SQLAlchemy URL of the study database (default: $BBPT_STORAGE or sqlite:///bbpt.db)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bbpt", description="Tune prompts for language models: backprop into a soft prompt when the "
+        "weights are local, derivative-free search (CMA-ES, Nevergrad) when only scores come back.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("optimize", help="tune a prompt on a task and report baseline, dev and test",
+                       formatter_class=fmt, description="Tune a soft prompt. Every generation is stored as it "
+                       "ends; rerun the same command with the same --study to resume.")
+    _add_task_args(p)
+    _add_model_args(p)
+    g = p.add_argument_group("prompt")
+    g.add_argument("--prompt-tokens", type=int, default=10, help="m, the number of virtual tokens")
+    g.add_argument("--init", default="task", help="where P0 starts: task (the task's instruction text), "
+                   'labels, vocab (random frequent tokens), zeros, or text:"your words"')
+    g.add_argument("--space", choices=("projected", "full"), help="projected: P = P0 + A z (default for "
+                   "derivative-free); full: train P itself (default for backprop)")
+    g.add_argument("--intrinsic-dim", type=int, default=500, help="d, the size of z (BBT: 500)")
+    g.add_argument("--alpha", type=float, default=1.0, help="scale of the random projection A")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="cma", help="cma, backprop, random, or nevergrad:NAME "
+                                                     "(e.g. nevergrad:NGOpt; `bbpt optimizers` lists names)")
+    g.add_argument("--budget", type=int, default=300, help="calls: one forward of one candidate over the "
+                                                           "training batch (a backprop step is one call)")
+    g.add_argument("--popsize", type=int, default=20, help="candidates per generation (black-box)")
+    g.add_argument("--sigma0", type=float, default=1.0, help="initial step size of the search in z")
+    g.add_argument("--lr", type=float, help="backprop learning rate (default 0.01 on P, 0.1 on z)")
+    g.add_argument("--diagonal", action="store_true", help="CMA-ES with a diagonal covariance (large d)")
+    g.add_argument("--bound", type=float, default=0.0, help="CMA-ES box bound on z (0: none)")
+    g.add_argument("--loss", choices=("ce", "hinge"), default="ce", help="training loss over the label words")
+    g.add_argument("--eval-every", type=int, help="calls between dev evaluations (default: budget/10)")
+    g = p.add_argument_group("output")
+    g.add_argument("--study", help="study name; an existing name resumes it (default: generated, printed)")
+    _add_storage_args(g)
+    g.add_argument("--runs-dir", default="runs", help="where tuned prompts are saved, one folder per study")
+    g.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("eval", help="score a saved prompt on a split", formatter_class=fmt,
+                       description="Score a saved prompt (from `bbpt optimize`) on train, dev or test. The task "
+                       "and its few-shot split default to those the prompt was tuned on.")
+    p.add_argument("--prompt", required=True, help="a saved prompt directory, e.g. runs/<study>")
+    p.add_argument("--split", default="test", choices=("train", "dev", "test"))
+    _add_task_args(p, default_task=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("predict", help="classify texts with a saved prompt", formatter_class=fmt)
+    p.add_argument("--prompt", required=True, help="a saved prompt directory, e.g. runs/<study>")
+    p.add_argument("texts", nargs="+", help="texts to classify (for pair tasks: 'first ||| second')")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print predictions as JSON lines")
+
+    p = sub.add_parser("studies", help="list, show or delete stored studies")
+    ssub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for action, helptext in (("list", "one line per study"), ("show", "config, progress and results of one"),
+                             ("delete", "remove a study and all its trials")):
+        sp = ssub.add_parser(action, help=helptext)
+        if action != "list":
+            sp.add_argument("name")
+        _add_storage_args(sp)
+
+    p = sub.add_parser("trials", help="print the trials of a study")
+    p.add_argument("name")
+    p.add_argument("--csv", action="store_true", help="CSV on stdout (default: a table)")
+    _add_storage_args(p)
+
+    sub.add_parser("optimizers", help="list optimizer names, Nevergrad's registry included")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from bbpt import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 0
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from bbpt import commands
+
+    try:
+        return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
+    except BbptError as e:
+        print(f"bbpt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bbpt: interrupted; every finished generation is stored; run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""What each ``bbpt`` subcommand does; the parser lives in :mod:`bbpt.cli`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+
+import numpy as np
+
+from bbpt.config import StudyConfig
+from bbpt.errors import ConfigError
+
+CONFIG_FLAGS = [f for f in StudyConfig.__dataclass_fields__ if f != "version"]
+
+
+def _config_from_args(args) -> StudyConfig:
+    values = {k: getattr(args, k) for k in CONFIG_FLAGS if hasattr(args, k)}
+    if args.data:
+        values["task"] = None
+    elif not args.task:
+        values["task"] = "sst2"
+    return StudyConfig(**values)
+
+
+def cmd_optimize(args) -> int:
+    from bbpt.session import Session
+    from bbpt.storage import Storage
+    from bbpt.study import run
+
+    cfg = _config_from_args(args)
+    storage = Storage(args.storage)
+    sess = Session(cfg, storage, name=args.study, runs_dir=args.runs_dir, api_key=args.api_key)
+    print(f"study {sess.name} in {storage.url}", file=sys.stderr)
+    summary = run(sess, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    m = s["metric"]
+    lines = [
+        f"study {s['study']}: {s['optimizer']} on {s['task']} with {s['model']} (seed {s['seed']})",
+        f"  {'':22}{'dev ' + m:>14}{'test ' + m:>14}",
+        f"  {'manual prompt':22}{s['baseline_dev']:>14.4f}{s['baseline_test']:>14.4f}",
+        f"  {'tuned prompt':22}{s['dev']:>14.4f}{s['test']:>14.4f}",
+        f"  calls {s['calls']}/{s['budget']}, tokens {s['tokens']:,}, {s['seconds']:.1f} s scoring "
+        f"({s['seconds'] / max(s['calls'], 1):.2f} s/call), best train loss {s['best_train_loss']:.4f}",
+        f"  prompt saved to {s['prompt_path']}",
+    ]
+    return "\n".join(lines)
+
+
+def _saved_task_and_backend(args):
+    from adapters.hf import HFBackend
+    from bbpt.prompt import PromptInit, SavedPrompt
+    from bbpt.session import load_task_for
+
+    saved = SavedPrompt.load(args.prompt)
+    meta = saved.meta
+    cfg = StudyConfig.from_dict(meta["config"])
+    override = getattr(args, "task", None) or getattr(args, "data", None)
+    if override:
+        cfg = _config_from_args(args)
+        cfg.template = cfg.template or meta["template"]
+        cfg.labels = cfg.labels or meta["label_words"]
+    backend = HFBackend(meta["model"], device=args.device)
+    if tuple(saved.prompt.shape) != (meta["tokens"], backend.info().hidden_size):
+        raise ConfigError(f"prompt in {args.prompt} has shape {saved.prompt.shape} but model {meta['model']} "
+                          f"has width {backend.info().hidden_size}; use the model it was tuned for")
+    # The saved matrix is P itself, so P0 is zeros and the offset is the whole prompt.
+    backend.set_init(PromptInit("zeros", saved.prompt.shape[0]))
+    return saved, cfg, backend
+
+
+def cmd_eval(args) -> int:
+    from bbpt.scoring import evaluate
+    from bbpt.session import load_task_for
+
+    saved, cfg, backend = _saved_task_and_backend(args)
+    task = load_task_for(cfg)
+    examples = task.split(args.split)
+    batch = backend.encode(examples, task.template, task.label_words)
+    m, tokens, secs = evaluate(backend, saved.prompt[None], batch, [e.label for e in examples], task.num_classes)
+    out = dict(prompt=args.prompt, task=task.name, split=args.split, examples=len(examples), **m,
+               tokens=tokens, seconds=round(secs, 2))
+    print(json.dumps(out) if args.json else
+          f"{task.name} {args.split} ({len(examples)} examples): accuracy {m['accuracy']:.4f}, "
+          f"macro-F1 {m['f1']:.4f}, loss {m['loss']:.4f} [{secs:.1f} s]")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from bbpt.tasks import Example, Template
+
+    saved, cfg, backend = _saved_task_and_backend(args)
+    meta = saved.meta
+    template = Template(meta["template"])
+    examples = []
+    for t in args.texts:
+        first, sep, second = t.partition("|||")
+        examples.append(Example(first.strip() if sep else t, 0, second.strip() if sep else None))
+    res = backend.score(saved.prompt[None], backend.encode(examples, template, meta["label_words"]))
+    probs = np.exp(res.logprobs[0] - np.logaddexp.reduce(res.logprobs[0], axis=-1, keepdims=True))
+    for text, p in zip(args.texts, probs):
+        label = meta["label_names"][int(p.argmax())]
+        if args.json:
+            print(json.dumps({"text": text, "label": label,
+                              "probs": dict(zip(meta["label_names"], map(float, p)))}))
+        else:
+            print(f"{label}\t{p.max():.3f}\t{text}")
+    return 0
+
+
+def cmd_studies(args) -> int:
+    from bbpt.storage import Storage
+
+    storage = Storage(args.storage)
+    if args.action == "list":
+        rows = storage.list_studies()
+        print(f"{'name':32} {'task':8} {'optimizer':18} {'state':9} {'calls':>11} {'dev':>7} {'test':>7}")
+        for r in rows:
+            s, c = r.summary or {}, r.config
+            ck = storage.last_checkpoint(r.id)
+            calls = ck.loop_state["calls"] if ck else 0
+            dev = f"{s['dev']:.4f}" if "dev" in s else "-"
+            test = f"{s['test']:.4f}" if "test" in s else "-"
+            print(f"{r.name:32} {str(c.get('task') or c.get('data')):8} {c['optimizer']:18} {r.state:9} "
+                  f"{calls:>5}/{c['budget']:<5} {dev:>7} {test:>7}")
+        return 0
+    row = storage.require_study(args.name)
+    if args.action == "delete":
+        storage.delete_study(args.name)
+        print(f"deleted study {args.name}")
+        return 0
+    ck = storage.last_checkpoint(row.id)
+    print(json.dumps(dict(name=row.name, state=row.state, bbpt_version=row.bbpt_version, model=row.model,
+                          created=str(row.created), progress=ck.loop_state if ck else None,
+                          summary=row.summary, config=row.config), indent=2))
+    return 0
+
+
+def cmd_trials(args) -> int:
+    from bbpt.storage import Storage
+
+    storage = Storage(args.storage)
+    row = storage.require_study(args.name)
+    fields = ["number", "generation", "loss", "accuracy", "calls", "tokens", "seconds", "backward_seconds", "state"]
+    w = csv.writer(sys.stdout) if args.csv else None
+    if w:
+        w.writerow(fields)
+    else:
+        print(" ".join(f"{f:>12}" for f in fields))
+    for t in storage.trials(row.id):
+        vals = [t.number, t.generation, round(t.loss, 6), t.metrics.get("accuracy"), t.calls, t.tokens,
+                round(t.seconds, 4), round(t.backward_seconds, 4), t.state]
+        if w:
+            w.writerow(vals)
+        else:
+            print(" ".join(f"{str(v):>12}" for v in vals))
+    return 0
+
+
+def cmd_optimizers(args) -> int:
+    from bbpt.optimizers.nevergrad_opt import registry_names
+
+    print("cma\nbackprop\nrandom")
+    for n in registry_names():
+        print(f"nevergrad:{n}")
+    return 0

@@ -1,0 +1,102 @@
+"""The settings of one study, as a typed dataclass validated once and stored as versioned JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from bbpt.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+# Keys that may change between a run and its resume without changing which trials it produces.
+RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every"})
+
+
+@dataclass
+class StudyConfig:
+    # what to learn
+    task: str | None = "sst2"
+    data: str | None = None
+    test_data: str | None = None
+    template: str | None = None
+    labels: list[str] | None = None
+    label_names: list[str] | None = None
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    shots: int = 16
+    max_test: int | None = None
+    seed: int = 0
+    # which model, reached how
+    model: str = "smollm2-135m"
+    backend: str = "local"
+    endpoint: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    # the prompt and its search space
+    prompt_tokens: int = 10
+    init: str = "task"
+    space: str | None = None            # None: full for backprop, projected otherwise
+    intrinsic_dim: int = 500
+    alpha: float = 1.0
+    # the optimizer
+    optimizer: str = "cma"
+    budget: int = 300
+    popsize: int = 20
+    sigma0: float = 1.0
+    lr: float | None = None             # None: 0.01 on P (full), 0.1 on z (projected)
+    diagonal: bool = False
+    bound: float = 0.0
+    loss: str = "ce"
+    eval_every: int | None = None       # in calls; None: a tenth of the budget
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        from bbpt.objective import LOSSES
+        from bbpt.optimizers import validate_spec
+
+        validate_spec(self.optimizer)
+        if self.space is None:
+            self.space = "full" if self.optimizer == "backprop" else "projected"
+        if self.lr is None:
+            self.lr = 0.01 if self.space == "full" else 0.1
+        if self.eval_every is None:
+            self.eval_every = max(1, self.budget // 10)
+        checks = [
+            (self.prompt_tokens >= 1, "prompt_tokens", "at least 1 virtual token"),
+            (self.budget >= 1, "budget", "at least 1 call"),
+            (self.popsize >= 2 or self.optimizer == "backprop", "popsize", "at least 2"),
+            (self.shots >= 1, "shots", "at least 1 example per class"),
+            (self.intrinsic_dim >= 1, "intrinsic_dim", "at least 1"),
+            (math.isfinite(self.sigma0) and self.sigma0 > 0, "sigma0", "a positive number"),
+            (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),
+            (self.eval_every >= 1, "eval_every", "at least 1 call"),
+            (self.space in ("full", "projected"), "space", "full or projected"),
+            (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
+            (self.space == "projected" or self.optimizer == "backprop", "space",
+             "projected for derivative-free optimizers (full space has m×D dimensions; use --space projected)"),
+        ]
+        for ok, key, need in checks:
+            if not ok:
+                raise ConfigError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is invalid: it must be {need}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudyConfig":
+        if d.get("version", CONFIG_VERSION) > CONFIG_VERSION:
+            raise ConfigError(f"config version {d['version']} is newer than this bbpt understands "
+                              f"({CONFIG_VERSION}); upgrade bbpt")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(names)}")
+        return cls(**d)
+
+    def differences(self, other: "StudyConfig") -> list[str]:
+        """Keys whose values differ in a way that changes results (what blocks a resume)."""
+        a, b = self.to_dict(), other.to_dict()
+        return sorted(k for k in a if k not in RESUME_SAFE and a[k] != b.get(k))

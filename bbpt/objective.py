@@ -1,0 +1,75 @@
+"""From label log-probs to a loss per candidate, and to the metrics reported on dev and test.
+
+Scores arrive as ``[pop, n, C]`` log-probabilities of each class's first label token. The loss restricts them
+to the label set (a softmax over the C label words, as BBT does), so a backend may return raw logits or
+full-vocabulary log-probs and the loss is the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bbpt.errors import ConfigError, ObjectiveError
+
+LOSSES = ("ce", "hinge")
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def loss(logprobs, labels, kind: str = "ce"):
+    """Mean loss per candidate, shape ``[pop]``; torch in, torch out (differentiable), numpy in, numpy out."""
+    torch = _torch()
+    as_numpy = not isinstance(logprobs, torch.Tensor)
+    lp = torch.as_tensor(np.asarray(logprobs, dtype=np.float32)) if as_numpy else logprobs
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long, device=lp.device)
+    _check_finite(lp)
+    restricted = torch.log_softmax(lp, dim=-1)
+    gold = restricted.gather(-1, y.view(1, -1, 1).expand(lp.shape[0], -1, 1)).squeeze(-1)
+    if kind == "ce":
+        out = -gold.mean(-1)
+    elif kind == "hinge":
+        # BBT's margin loss: the gold label must beat the best wrong label by a margin of 1 (in logits).
+        wrong = restricted.scatter(-1, y.view(1, -1, 1).expand(lp.shape[0], -1, 1), float("-inf"))
+        out = torch.clamp(1.0 - (gold - wrong.max(-1).values), min=0).mean(-1)
+    else:
+        raise ConfigError(f"unknown loss {kind!r}; choose one of {LOSSES}")
+    return out.detach().cpu().numpy().astype(np.float64) if as_numpy else out
+
+
+def _check_finite(lp) -> None:
+    torch = _torch()
+    bad = ~torch.isfinite(lp.detach())
+    if bad.any():
+        cands = sorted({int(i) for i in bad.nonzero()[:, 0].tolist()})
+        value = lp.detach()[bad][0].item()
+        raise ObjectiveError(f"scores for candidate(s) {cands[:10]} contain {value} (not finite); the prompt has "
+                             "diverged or the backend returned garbage: lower --sigma0/--lr or check the backend")
+
+
+def predictions(logprobs) -> np.ndarray:
+    """Predicted class per candidate and example, ``[pop, n]``."""
+    return np.asarray(logprobs).argmax(-1)
+
+
+def accuracy(pred: np.ndarray, labels) -> float:
+    return float((np.asarray(pred) == np.asarray(labels)).mean())
+
+
+def macro_f1(pred: np.ndarray, labels, num_classes: int) -> float:
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    f1s = []
+    for c in range(num_classes):
+        tp = np.sum((pred == c) & (labels == c))
+        denom = np.sum(pred == c) + np.sum(labels == c)
+        f1s.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(f1s))
+
+
+def metrics(logprobs_one, labels, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 of one candidate's scores ``[n, C]``."""
+    pred = predictions(logprobs_one)
+    return {"accuracy": accuracy(pred, labels), "f1": macro_f1(pred, labels, num_classes)}

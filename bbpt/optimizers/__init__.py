@@ -1,0 +1,40 @@
+"""Optimizers behind one ask/tell protocol: ``cma``, ``nevergrad:<Name>``, ``random``, ``backprop``."""
+
+from __future__ import annotations
+
+from bbpt.errors import ConfigError
+from bbpt.optimizers._base import Optimizer, OptimizerSettings
+
+__all__ = ["NAMES", "Optimizer", "OptimizerSettings", "make_optimizer", "needs_gradient"]
+
+NAMES = ("cma", "random", "backprop", "nevergrad:<Name>")
+
+
+def needs_gradient(spec: str) -> bool:
+    return spec == "backprop"
+
+
+def validate_spec(spec: str) -> None:
+    if spec in ("cma", "random", "backprop") or (spec.startswith("nevergrad:") and spec.split(":", 1)[1]):
+        return
+    raise ConfigError(f"unknown --optimizer {spec!r}; choose cma, random, backprop or nevergrad:NAME "
+                      "(e.g. nevergrad:NGOpt)")
+
+
+def make_optimizer(spec: str, settings: OptimizerSettings) -> Optimizer:
+    validate_spec(spec)
+    if spec == "cma":
+        from bbpt.optimizers.cma_es import CMAES
+
+        return CMAES(settings)
+    if spec == "random":
+        from bbpt.optimizers.random_search import RandomSearch
+
+        return RandomSearch(settings)
+    if spec == "backprop":
+        from bbpt.optimizers.backprop import Backprop
+
+        return Backprop(settings)
+    from bbpt.optimizers.nevergrad_opt import NevergradOptimizer
+
+    return NevergradOptimizer(spec.split(":", 1)[1], settings)

@@ -1,0 +1,40 @@
+"""CMA-ES through pycma, with Black-Box Tuning's settings (popsize 20, σ0 given, optional box bound)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bbpt.optimizers._base import OptimizerSettings, PickledState
+
+
+class CMAES(PickledState):
+    needs_gradient = False
+
+    def __init__(self, s: OptimizerSettings):
+        import cma
+
+        opts = {"popsize": s.popsize, "seed": s.seed + 1, "verbose": -9, "CMA_diagonal": s.diagonal,
+                "maxfevals": float("inf")}
+        if s.bound > 0:
+            opts["bounds"] = [-s.bound, s.bound]
+        # pycma samples from numpy's global generator: keep our own copy of its state so that nothing else
+        # in the process can shift the search, and so that checkpoints capture it.
+        saved = np.random.get_state()
+        self.es = cma.CMAEvolutionStrategy(np.asarray(s.x0, dtype=float), s.sigma0, opts)
+        self.rng_state = np.random.get_state()
+        np.random.set_state(saved)
+
+    def ask(self) -> np.ndarray:
+        saved = np.random.get_state()
+        np.random.set_state(self.rng_state)
+        try:
+            return np.asarray(self.es.ask())
+        finally:
+            self.rng_state = np.random.get_state()
+            np.random.set_state(saved)
+
+    def tell(self, zs, losses, grads=None) -> None:
+        self.es.tell(list(np.asarray(zs)), [float(v) for v in losses])
+
+    def stop(self) -> dict:
+        return {k: v for k, v in self.es.stop().items() if k not in ("maxfevals",)}

@@ -1,0 +1,102 @@
+"""The study loop: ask, score, tell, persist — one generation at a time, resumable from storage.
+
+Each generation's trials, any dev evaluations and the optimizer checkpoint taken after ``tell`` are written
+in one transaction, so killing the process at any instant loses no completed trial and a resumed study asks
+exactly what an uninterrupted one would. Selection is on dev only; test is scored once, at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from bbpt.config import StudyConfig
+from bbpt.optimizers import OptimizerSettings, make_optimizer
+from bbpt.prompt import make_space
+from bbpt.scoring import evaluate, score_population
+from bbpt.session import Session
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopState:
+    """Everything besides the optimizer that a resumed loop needs; stored as JSON in each checkpoint."""
+
+    generation: int = 0
+    trials: int = 0
+    calls: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    best_trial: int | None = None
+    best_loss: float = float("inf")
+    evaluated: list[int] = field(default_factory=list)     # trial numbers already scored on dev
+    dev_best_trial: int | None = None
+    dev_best: float = -1.0
+    dev_last: float | None = None
+
+
+def run(sess: Session, progress: bool = True) -> dict:
+    """Run (or resume) the study until its budget is spent, then select on dev and score test once."""
+    cfg, store, sid = sess.config, sess.storage, sess.study_id
+    space = make_space(cfg.space, tokens=cfg.prompt_tokens, width=sess.info.hidden_size,
+                       intrinsic_dim=cfg.intrinsic_dim, seed=cfg.seed, embed_std=sess.info.embed_std,
+                       sigma0=cfg.sigma0, alpha=cfg.alpha)
+    opt = make_optimizer(cfg.optimizer, OptimizerSettings(
+        dim=space.dim, x0=space.initial(), seed=cfg.seed, budget=cfg.budget, popsize=cfg.popsize,
+        sigma0=cfg.sigma0, lr=cfg.lr, diagonal=cfg.diagonal, bound=cfg.bound))
+    ck = store.last_checkpoint(sid)
+    loop = LoopState(**ck.loop_state) if ck else LoopState()
+    if ck:
+        opt.load_state(ck.optimizer_state)
+        log.info("resuming study %s at call %d/%d", sess.name, loop.calls, cfg.budget)
+    per_gen = 1 if opt.needs_gradient else cfg.popsize
+    best_z = sess.trial_z(loop.best_trial) if loop.best_trial is not None else None
+    bar = sess.progress_bar(total=cfg.budget, initial=loop.calls, enabled=progress)
+    while loop.calls + per_gen <= cfg.budget and not opt.stop():
+        zs = opt.ask()
+        got = score_population(sess.backend, space, zs, sess.train, sess.y_train, cfg.loss, opt.needs_gradient)
+        opt.tell(zs, got.losses, got.grads)
+        trials = []
+        for i, (z, lo) in enumerate(zip(zs, got.losses)):
+            acc = float((got.logprobs[i].argmax(-1) == sess.y_train).mean())
+            trials.append(dict(number=loop.trials, generation=loop.generation, z=np.asarray(z, "<f4").tobytes(),
+                               loss=float(lo), metrics={"accuracy": acc}, calls=1, tokens=got.tokens // len(zs),
+                               seconds=got.seconds / len(zs), backward_seconds=got.backward_seconds / len(zs),
+                               state="complete"))
+            if lo < loop.best_loss:
+                loop.best_loss, loop.best_trial = float(lo), loop.trials
+                best_z = np.asarray(z)
+            loop.trials += 1
+        loop.calls += len(zs)
+        loop.tokens += got.tokens
+        loop.seconds += got.seconds
+        evals = []
+        due = loop.calls // cfg.eval_every > (loop.calls - len(zs)) // cfg.eval_every
+        last = loop.calls + per_gen > cfg.budget
+        if (due or last) and loop.best_trial not in loop.evaluated:
+            evals.append(_dev_eval(sess, space, loop, best_z))
+        loop.generation += 1
+        store.commit_generation(sid, trials, dict(generation=loop.generation, optimizer_state=opt.state(),
+                                                  loop_state=asdict(loop), best_trial=loop.best_trial), evals)
+        bar.update(len(zs))
+        bar.set_postfix(best_loss=f"{loop.best_loss:.4f}",
+                        dev=f"{loop.dev_last:.3f}" if loop.dev_last is not None else "-")
+    bar.close()
+    if loop.best_trial is not None and loop.best_trial not in loop.evaluated:  # budget smaller than one step
+        store.add_evaluations(sid, [_dev_eval(sess, space, loop, best_z)])
+    return sess.finish(space, loop)
+
+
+def _dev_eval(sess: Session, space, loop: LoopState, z: np.ndarray) -> dict:
+    m, tokens, secs = evaluate(sess.backend, space.decode(z[None]), sess.dev, sess.y_dev, sess.task.num_classes)
+    score = m[sess.metric]
+    loop.evaluated.append(loop.best_trial)
+    loop.dev_last = score
+    # Ties go to the earlier (already selected) trial: a later one must be strictly better on dev.
+    if score > loop.dev_best:
+        loop.dev_best, loop.dev_best_trial = score, loop.best_trial
+    return dict(trial_number=loop.best_trial, split="dev", metrics=m, calls_at=loop.calls,
+                seconds_at=loop.seconds, tokens=tokens)

@@ -1,0 +1,46 @@
+"""Tasks: built-in BBT datasets and user data files, split few-shot the way Black-Box Tuning does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bbpt.errors import ConfigError
+from bbpt.tasks._base import Example, Task, Template
+from bbpt.tasks.builtin import BUILTIN, load_builtin
+from bbpt.tasks.loaders import few_shot_split, read_examples
+
+__all__ = ["BUILTIN", "Example", "Task", "Template", "load_task"]
+
+
+def load_task(*, task: str | None = None, data: str | None = None, test_data: str | None = None,
+              template: str | None = None, labels: list[str] | None = None,
+              label_names: list[str] | None = None, text_field: str = "text", text_pair_field: str | None = None,
+              label_field: str = "label", shots: int = 16, seed: int = 0, max_test: int | None = None) -> Task:
+    """Load a built-in task by name, or a user's JSONL/CSV file with its template and label words."""
+    if shots < 1:
+        raise ConfigError(f"--shots must be at least 1, got {shots}")
+    if (task is None) == (data is None):
+        raise ConfigError("give exactly one of --task NAME or --data FILE")
+    if task is not None:
+        if task not in BUILTIN:
+            raise ConfigError(f"unknown task {task!r}; built-in tasks are {sorted(BUILTIN)}, "
+                              "or pass --data FILE with --template and --labels")
+        return load_builtin(task, shots=shots, seed=seed, template=template, label_words=labels,
+                            max_test=max_test)
+    if not template or not labels:
+        raise ConfigError("--data needs --template (with {text}) and --labels (one word per class, "
+                          'e.g. --labels " negative" " positive")')
+    tmpl = Template(template)
+    names = label_names or [w.strip() for w in labels]
+    if len(names) != len(labels):
+        raise ConfigError(f"--label-names has {len(names)} names but --labels has {len(labels)} words; "
+                          "give one name per label word")
+    kw = dict(label_names=names, text_field=text_field, text_pair_field=text_pair_field, label_field=label_field)
+    pool = read_examples(data, **kw)
+    train, dev, rest = few_shot_split(pool, shots, seed, len(labels))
+    test = read_examples(test_data, **kw) if test_data else rest
+    if not test:
+        raise ConfigError(f"{data} has no examples left for a test split after --shots {shots}; "
+                          "pass --test-data FILE")
+    return Task(name=Path(data).stem, label_names=names, label_words=list(labels), template=tmpl,
+                train=train, dev=dev, test=test[:max_test] if max_test else test)

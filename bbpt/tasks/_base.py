@@ -1,0 +1,95 @@
+"""What a classification task is: examples, a template that turns one into text, and label words."""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass, field
+
+from bbpt.errors import ConfigError
+
+SLOTS = ("text", "text_pair", "prompt")
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: int
+    text_pair: str | None = None
+
+
+@dataclass(frozen=True)
+class Template:
+    """A format string with ``{text}``, optionally ``{text_pair}`` and ``{prompt}``.
+
+    ``{prompt}`` marks where the soft (or discrete) prompt goes; without it the prompt is a prefix, as in
+    PEFT's prompt tuning. Rendering splits the text at that point, because a soft prompt is not text: the
+    backend embeds the two pieces and joins them around the prompt's rows.
+    """
+
+    source: str
+
+    def __post_init__(self) -> None:
+        try:
+            names = [f for _, f, _, _ in string.Formatter().parse(self.source) if f is not None]
+        except ValueError as e:
+            raise ConfigError(f"template {self.source!r} is not a valid format string ({e}); "
+                              "write literal braces as {{ and }}") from None
+        unknown = sorted(set(names) - set(SLOTS))
+        if unknown:
+            raise ConfigError(f"template {self.source!r} has unknown field(s) {unknown}; "
+                              f"allowed fields are {{text}}, {{text_pair}} and {{prompt}}")
+        if "text" not in names:
+            raise ConfigError(f"template {self.source!r} has no {{text}} field; add one where the input goes, "
+                              'e.g. "Review: {text}\\nSentiment:"')
+        if names.count("prompt") > 1:
+            raise ConfigError(f"template {self.source!r} has {{prompt}} more than once; use it at most once")
+
+    @property
+    def has_pair(self) -> bool:
+        return "{text_pair}" in self.source
+
+    @property
+    def placement(self) -> str:
+        """``prefix`` when the prompt leads, ``infix`` when text comes before it."""
+        head = self.source.split("{prompt}")[0] if "{prompt}" in self.source else ""
+        return "infix" if "{text" in head else "prefix"
+
+    def render(self, ex: Example) -> tuple[str, str]:
+        """Return (text before the prompt, text after it)."""
+        if self.has_pair and ex.text_pair is None:
+            raise ConfigError(f"template {self.source!r} uses {{text_pair}} but an example has none; "
+                              "pass --text-pair-field or drop {text_pair} from the template")
+        full = self.source.replace("{prompt}", "\0")
+        full = full.format(text=ex.text, text_pair=ex.text_pair or "")
+        before, _, after = full.rpartition("\0") if "\0" in full else ("", "", full)
+        return before, after
+
+    def render_plain(self, ex: Example, prompt_text: str = "") -> str:
+        """The whole text with a discrete prompt (or nothing) in the prompt's place."""
+        before, after = self.render(ex)
+        return before + prompt_text + after
+
+
+@dataclass
+class Task:
+    """A few-shot classification task, already split. Label i is spoken as ``label_words[i]``."""
+
+    name: str
+    label_names: list[str]
+    label_words: list[str]
+    template: Template
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+    metric: str = "accuracy"
+    init_text: str = ""
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_words)
+
+    def split(self, name: str) -> list[Example]:
+        if name not in ("train", "dev", "test"):
+            raise ConfigError(f"unknown split {name!r}; choose train, dev or test")
+        return getattr(self, name)

@@ -1,0 +1,101 @@
+"""Read examples from JSONL/CSV files and draw the few-shot train/dev split of Black-Box Tuning."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from bbpt.errors import DataError
+from bbpt.tasks._base import Example
+
+
+def _open(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _rows(path: Path):
+    """Yield (line number, dict) from a .jsonl(.gz) or .csv(.gz) file."""
+    if not path.exists():
+        raise DataError(f"data file {str(path)!r} does not exist; check the path")
+    kind = path.name.removesuffix(".gz").rsplit(".", 1)[-1]
+    with _open(path) as f:
+        if kind == "csv":
+            for i, row in enumerate(csv.DictReader(f), start=2):
+                yield i, row
+        elif kind in ("jsonl", "json"):
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{i} is not valid JSON ({e.msg}); each line must be one JSON object") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{i} is {type(row).__name__}, not a JSON object")
+                yield i, row
+        else:
+            raise DataError(f"data file {str(path)!r} has unknown type {kind!r}; use .jsonl or .csv (optionally .gz)")
+
+
+def read_examples(path: str | Path, *, label_names: list[str], text_field: str = "text",
+                  text_pair_field: str | None = None, label_field: str = "label") -> list[Example]:
+    """Read labelled examples. A label may be an index into ``label_names`` or one of the names itself."""
+    path = Path(path)
+    index = {name: i for i, name in enumerate(label_names)}
+    out = []
+    for line, row in _rows(path):
+        for fld in (text_field, label_field) + ((text_pair_field,) if text_pair_field else ()):
+            if fld not in row:
+                raise DataError(f"{path}:{line} has no field {fld!r} (fields: {sorted(row)}); "
+                                f"pass the right name with --text-field/--text-pair-field/--label-field")
+        raw = row[label_field]
+        label = _label_index(raw, index, len(label_names))
+        if label is None:
+            raise DataError(f"{path}:{line} has label {raw!r}, which is not in the label set {label_names} "
+                            f"(or an index 0..{len(label_names) - 1}); fix the data or the --labels/--label-names")
+        out.append(Example(text=str(row[text_field]), label=label,
+                           text_pair=str(row[text_pair_field]) if text_pair_field else None))
+    if not out:
+        raise DataError(f"data file {str(path)!r} has no examples; it needs one labelled example per line")
+    return out
+
+
+def _label_index(raw, index: dict[str, int], n: int) -> int | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw if 0 <= raw < n else None
+    s = str(raw).strip()
+    if s in index:
+        return index[s]
+    if s.lstrip("-").isdigit() and 0 <= int(s) < n:
+        return int(s)
+    return None
+
+
+def few_shot_split(pool: list[Example], shots: int, seed: int, num_classes: int) -> tuple[list[Example], list[Example], list[Example]]:
+    """Draw ``shots`` examples per class for train and another ``shots`` for dev, as BBT does.
+
+    Returns (train, dev, rest of the pool). Sampling depends only on (pool order, shots, seed).
+    """
+    by_class: dict[int, list[Example]] = defaultdict(list)
+    for ex in pool:
+        by_class[ex.label].append(ex)
+    rng = random.Random(seed)
+    train, dev, rest = [], [], []
+    for c in range(num_classes):
+        items = list(by_class.get(c, []))
+        if len(items) < 2 * shots:
+            raise DataError(f"class {c} has {len(items)} examples in the training pool but --shots {shots} needs "
+                            f"{2 * shots} (train + dev); lower --shots or add data")
+        rng.shuffle(items)
+        train += items[:shots]
+        dev += items[shots:2 * shots]
+        rest += items[2 * shots:]
+    rng.shuffle(train)
+    rng.shuffle(dev)
+    return train, dev, rest
