@@ -6,7 +6,7 @@ from adapters._base import Backend, GradientBackend, ModelInfo, ScoreResult
 
 __all__ = ["BACKENDS", "Backend", "GradientBackend", "ModelInfo", "ScoreResult", "make_backend"]
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "api", "vllm")
 
 
 def make_backend(kind: str, **kwargs) -> Backend:
@@ -17,4 +17,14 @@ def make_backend(kind: str, **kwargs) -> Backend:
         from adapters.hf import HFBackend
 
         return HFBackend(kwargs["model"], device=kwargs.get("device", "auto"), dtype=kwargs.get("dtype", "float32"))
+    if kind == "api":       # bbpt serve's /v1/score: the client never holds the weights
+        from adapters.api import ApiBackend
+
+        return ApiBackend(kwargs.get("endpoint"), model=kwargs.get("model"), api_key=kwargs.get("api_key"),
+                          dtype=kwargs.get("dtype", "float32"))
+    if kind == "vllm":      # OpenAI completions with prompt_embeds; needs the embedding table locally
+        from adapters.vllm import VLLMBackend
+
+        return VLLMBackend(kwargs.get("endpoint"), model=kwargs["model"], api_key=kwargs.get("api_key"),
+                           dtype=kwargs.get("dtype", "float32"))
     raise ConfigError(f"unknown --backend {kind!r}; available: {', '.join(BACKENDS)}")

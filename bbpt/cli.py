@@ -20,6 +20,10 @@ EPILOG = """examples:
   bbpt eval --prompt runs/<study> --split test
   bbpt predict --prompt runs/<study> "a gorgeous, witty, seductive movie."
   bbpt studies list
+  bbpt compare sst2-cma sst2-backprop --target 0.8 --plot compare.png
+  bbpt export sst2-cma --format peft --out peft_prompt/
+  bbpt serve --model smollm2-135m --port 8000 --api-key KEY
+  bbpt optimize --backend api --endpoint http://127.0.0.1:8000 --api-key KEY --task sst2
 """
 
 
@@ -47,8 +51,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (default, from PyPI, no hub needed), a local directory, or a hub id")
-    g.add_argument("--backend", default="local", help="how the model is reached: local (default)")
-    g.add_argument("--endpoint", help="server URL for remote backends")
+    g.add_argument("--backend", default="local", help="how the model is reached: local (default), api (a bbpt "
+                   "serve), vllm (an OpenAI-compatible server taking prompt_embeds; needs --model's files locally)")
+    g.add_argument("--endpoint", help="server URL for remote backends, e.g. http://127.0.0.1:8000")
     g.add_argument("--api-key", default=os.environ.get("BBPT_API_KEY"), help="bearer key for remote backends "
                                                                              "(or BBPT_API_KEY); never stored")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
@@ -131,7 +136,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", action="store_true", help="CSV on stdout (default: a table)")
     _add_storage_args(p)
 
+    p = sub.add_parser("compare", help="compare studies on the same axes: a table and a plot",
+                       description="One row per study: optimizer, calls, tokens, seconds, best train loss, dev "
+                       "and test of the prompt selected on dev. A backprop step counts as one call and its "
+                       "backward pass shows in seconds, so gradient and black-box runs compare honestly.")
+    p.add_argument("names", nargs="+", metavar="STUDY")
+    p.add_argument("--target", type=float, help="a dev accuracy: the table adds the calls and seconds each "
+                                                "study took to reach it")
+    p.add_argument("--plot", metavar="FILE.png", help="write best-so-far train loss and dev accuracy against "
+                                                      "calls and against seconds, one line per study")
+    _add_storage_args(p)
+
+    p = sub.add_parser("export", help="write a finished study's prompt as a PEFT adapter or a bbpt prompt",
+                       formatter_class=fmt)
+    p.add_argument("name", metavar="STUDY")
+    p.add_argument("--format", choices=("peft", "bbpt"), default="peft",
+                   help="peft: adapter_config.json + adapter_model.safetensors for PeftModel.from_pretrained; "
+                        "bbpt: the native prompt directory (for bbpt eval/predict)")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--runs-dir", default="runs", help="where `bbpt optimize` saved the study's prompt")
+    _add_storage_args(p)
+
+    p = sub.add_parser("import-peft", help="convert a PEFT prompt-tuning adapter to a bbpt prompt directory",
+                       description="An adapter exported by bbpt carries its task; for any other adapter say what "
+                       "it classifies with --task, or --data with --template and --labels.")
+    p.add_argument("dir", help="a directory with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--out", required=True, help="the prompt directory to write, e.g. runs/NAME")
+    _add_task_args(p, default_task=None)
+
     sub.add_parser("optimizers", help="list optimizer names, Nevergrad's registry included")
+
+    p = sub.add_parser("serve", help="serve a model over HTTP for --backend api|vllm clients (and tuned prompts)",
+                       formatter_class=fmt, description="Serve a model so prompts can be tuned by clients that "
+                       "never see its weights: /v1/score (bbpt's protocol), /v1/completions (OpenAI-compatible, "
+                       "with vLLM's prompt_embeds), /v1/classify (tuned prompts from --prompts, by name).")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), a local directory, or a hub id")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; loopback unless you mean otherwise")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("BBPT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (or set BBPT_API_KEY)")
+    p.add_argument("--prompts", help="folder of saved prompts (e.g. runs/) served by /v1/classify by folder name")
+    p.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body accepted (413 above)")
+    p.add_argument("--max-candidates", type=int, default=64, help="prompts per /v1/score request")
+    p.add_argument("--max-examples", type=int, default=256, help="examples per /v1/score request")
+    p.add_argument("--max-logprobs", type=int, default=20, help="largest top-k for /v1/completions (vLLM's default)")
+    p.add_argument("--max-connections", type=int, default=64, help="open connections before answering 503")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return parser
 
 

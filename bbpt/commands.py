@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import sys
 
 import numpy as np
 
 from bbpt.config import StudyConfig
 from bbpt.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 CONFIG_FLAGS = [f for f in StudyConfig.__dataclass_fields__ if f != "version"]
 
@@ -48,7 +51,8 @@ def format_summary(s: dict) -> str:
         f"  {'manual prompt':22}{s['baseline_dev']:>14.4f}{s['baseline_test']:>14.4f}",
         f"  {'tuned prompt':22}{s['dev']:>14.4f}{s['test']:>14.4f}",
         f"  calls {s['calls']}/{s['budget']}, tokens {s['tokens']:,}, {s['seconds']:.1f} s scoring "
-        f"({s['seconds'] / max(s['calls'], 1):.2f} s/call), best train loss {s['best_train_loss']:.4f}",
+        f"({s['seconds'] / max(s['calls'], 1):.2f} s/call)",
+        f"  train loss {s['start_train_loss']:.4f} (initial prompt) -> {s['best_train_loss']:.4f} (best)",
         f"  prompt saved to {s['prompt_path']}",
     ]
     return "\n".join(lines)
@@ -118,7 +122,7 @@ def cmd_predict(args) -> int:
 def cmd_studies(args) -> int:
     from bbpt.storage import Storage
 
-    storage = Storage(args.storage)
+    storage = Storage(args.storage, create=False)
     if args.action == "list":
         rows = storage.list_studies()
         print(f"{'name':32} {'task':8} {'optimizer':18} {'state':9} {'calls':>11} {'dev':>7} {'test':>7}")
@@ -146,7 +150,7 @@ def cmd_studies(args) -> int:
 def cmd_trials(args) -> int:
     from bbpt.storage import Storage
 
-    storage = Storage(args.storage)
+    storage = Storage(args.storage, create=False)
     row = storage.require_study(args.name)
     fields = ["number", "generation", "loss", "accuracy", "calls", "tokens", "seconds", "backward_seconds", "state"]
     w = csv.writer(sys.stdout) if args.csv else None
@@ -164,10 +168,68 @@ def cmd_trials(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from pathlib import Path
+
+    from bbpt.report import format_table, gather, plot
+    from bbpt.storage import Storage
+
+    if args.target is not None and not 0 < args.target <= 1:
+        raise ConfigError(f"--target {args.target} is not an accuracy; give a number in (0, 1], e.g. 0.8")
+    if args.plot and not Path(args.plot).resolve().parent.is_dir():
+        raise ConfigError(f"--plot {args.plot!r}: folder {str(Path(args.plot).parent)!r} does not exist")
+    storage = Storage(args.storage, create=False)
+    reports = [gather(storage, name) for name in args.names]
+    print(format_table(reports, args.target))
+    if args.plot:
+        print(f"plot written to {plot(reports, args.plot, args.target)}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from bbpt.export import study_prompt, to_peft
+    from bbpt.storage import Storage
+
+    saved = study_prompt(Storage(args.storage, create=False), args.name, args.runs_dir)
+    out = to_peft(saved, args.out) if args.format == "peft" else saved.save(args.out)
+    print(f"exported study {args.name} as {args.format} to {out}")
+    return 0
+
+
+def cmd_import_peft(args) -> int:
+    from bbpt.export import from_peft
+
+    out = from_peft(args.dir, args.out, _config_from_args(args) if args.task or args.data else None)
+    print(f"imported {args.dir} to {out}; score it with: bbpt eval --prompt {out}")
+    return 0
+
+
 def cmd_optimizers(args) -> int:
     from bbpt.optimizers.nevergrad_opt import registry_names
 
     print("cma\nbackprop\nrandom")
     for n in registry_names():
         print(f"nevergrad:{n}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from adapters.hf import HFBackend
+    from bbpt.server.app import create_app
+    from bbpt.server.protocol import Limits
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_candidates=args.max_candidates,
+                    max_examples=args.max_examples, max_logprobs=args.max_logprobs)
+    backend = HFBackend(args.model, device=args.device, dtype=args.dtype)
+    app = create_app(backend, api_key=args.api_key, prompts_dir=args.prompts, limits=limits)
+    uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.max_connections,
+                log_level="warning" if args.quiet else "info")
     return 0

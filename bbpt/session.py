@@ -80,8 +80,8 @@ class Session:
         self.runs_dir = Path(runs_dir)
         if existing is None:
             existing = storage.create_study(self.name, cfg.to_dict(), bbpt_version=bbpt.__version__, model=cfg.model)
-        elif existing.state != "running":
-            storage.update_study(self.name, state="running")
+        else:   # a resume may change what does not affect results (a larger budget): store what now applies
+            storage.update_study(self.name, state="running", config=cfg.to_dict())
         self.study_id = existing.id
 
     def trial_z(self, number: int) -> np.ndarray:
@@ -105,6 +105,10 @@ class Session:
                 batch = batch or self._encode_test()
                 m, tokens, secs = evaluate(self.backend, None, batch, y, self.task.num_classes)
                 evals.append(dict(trial_number=None, split=split, metrics=m, tokens=tokens, note="manual prompt"))
+        if (-1, "train") not in done:   # the untuned starting prompt P0, so users see what tuning bought
+            m, tokens, _ = evaluate(self.backend, space.decode(space.initial()[None]), self.train, self.y_train,
+                                    self.task.num_classes)
+            evals.append(dict(trial_number=-1, split="train", metrics=m, tokens=tokens, note="initial prompt P0"))
         sel = loop.dev_best_trial
         z = self.trial_z(sel)
         delta = space.decode(z[None])
@@ -117,7 +121,8 @@ class Session:
         summary = dict(
             study=self.name, task=self.task.name, model=cfg.model, backend=cfg.backend, optimizer=cfg.optimizer,
             seed=cfg.seed, budget=cfg.budget, calls=loop.calls, tokens=loop.tokens, seconds=round(loop.seconds, 2),
-            metric=self.metric, best_train_loss=loop.best_loss, selected_trial=sel,
+            metric=self.metric, start_train_loss=by[(-1, "train")]["loss"], best_train_loss=loop.best_loss,
+            selected_trial=sel,
             baseline_dev=by[(None, "dev")][self.metric], baseline_test=by[(None, "test")][self.metric],
             dev=by[(sel, "dev")][self.metric], test=by[(sel, "test")][self.metric],
             prompt_path=str(self._save_prompt(space, z, delta[0], by[(sel, "dev")], by[(sel, "test")])),

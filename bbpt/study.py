@@ -61,9 +61,11 @@ def run(sess: Session, progress: bool = True) -> dict:
         opt.tell(zs, got.losses, got.grads)
         trials = []
         for i, (z, lo) in enumerate(zip(zs, got.losses)):
-            acc = float((got.logprobs[i].argmax(-1) == sess.y_train).mean())
+            metrics = {"accuracy": float((got.logprobs[i].argmax(-1) == sess.y_train).mean())}
+            if got.bytes_sent or got.bytes_received:     # remote backends: each candidate's share of the traffic
+                metrics.update(bytes_sent=got.bytes_sent // len(zs), bytes_received=got.bytes_received // len(zs))
             trials.append(dict(number=loop.trials, generation=loop.generation, z=np.asarray(z, "<f4").tobytes(),
-                               loss=float(lo), metrics={"accuracy": acc}, calls=1, tokens=got.tokens // len(zs),
+                               loss=float(lo), metrics=metrics, calls=1, tokens=got.tokens // len(zs),
                                seconds=got.seconds / len(zs), backward_seconds=got.backward_seconds / len(zs),
                                state="complete"))
             if lo < loop.best_loss:

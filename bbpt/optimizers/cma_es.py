@@ -13,13 +13,15 @@ class CMAES(PickledState):
     def __init__(self, s: OptimizerSettings):
         import cma
 
-        opts = {"popsize": s.popsize, "seed": s.seed + 1, "verbose": -9, "CMA_diagonal": s.diagonal,
-                "maxfevals": float("inf")}
+        # seed NaN: pycma leaves seeding to us, since it only seeds when randn is np.random.randn itself.
+        opts = {"popsize": s.popsize, "seed": float("nan"), "randn": _global_randn, "verbose": -9,
+                "CMA_diagonal": s.diagonal, "maxfevals": float("inf")}
         if s.bound > 0:
             opts["bounds"] = [-s.bound, s.bound]
         # pycma samples from numpy's global generator: keep our own copy of its state so that nothing else
         # in the process can shift the search, and so that checkpoints capture it.
         saved = np.random.get_state()
+        np.random.seed(s.seed + 1)
         self.es = cma.CMAEvolutionStrategy(np.asarray(s.x0, dtype=float), s.sigma0, opts)
         self.rng_state = np.random.get_state()
         np.random.set_state(saved)
@@ -38,3 +40,10 @@ class CMAES(PickledState):
 
     def stop(self) -> dict:
         return {k: v for k, v in self.es.stop().items() if k not in ("maxfevals",)}
+
+
+def _global_randn(*shape):
+    """``np.random.randn`` looked up at each call. pycma keeps its sampler in the pickled options, and pickling
+    ``np.random.randn`` itself freezes a private copy of the global generator into the checkpoint: a resumed
+    search would then draw from that stale copy instead of the state restored around ``ask``."""
+    return np.random.randn(*shape)

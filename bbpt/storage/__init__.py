@@ -8,10 +8,11 @@ study repeats no completed trial and loses none.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, delete, event, select
-from sqlalchemy.exc import DatabaseError, OperationalError
+from sqlalchemy import create_engine, delete, event, inspect, select
+from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bbpt.errors import StorageError, StudyError
@@ -27,6 +28,15 @@ def default_url() -> str:
     return os.environ.get("BBPT_STORAGE") or DEFAULT_URL
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file behind a SQLite URL, plain (sqlite:///x.db) or URI style (sqlite:///file:x.db?mode=ro&uri=true);
+    None for in-memory databases."""
+    path = url.split("///", 1)[1] if "///" in url else ""
+    if path.startswith("file:"):
+        path = path[len("file:"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")      # readers never block the writer; two studies can share a file
@@ -36,11 +46,14 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
 
 
 class Storage:
-    def __init__(self, url: str | None = None):
+    """``create=False`` is for commands that only read or delete: a mistyped --storage then fails with a
+    message instead of silently creating an empty database."""
+
+    def __init__(self, url: str | None = None, *, create: bool = True):
         self.url = url or default_url()
         sqlite = self.url.startswith("sqlite")
         if sqlite:
-            self._check_sqlite_path()
+            self._check_sqlite_path(create)
         try:
             self.engine = create_engine(self.url, connect_args={"timeout": 60} if sqlite else {},
                                         pool_pre_ping=not sqlite)
@@ -50,38 +63,70 @@ class Storage:
         if sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
-        self._init_schema()
+        self._init_schema(create)
 
-    def _check_sqlite_path(self) -> None:
-        path = self.url.split("///", 1)[-1] if "///" in self.url else ""
-        if not path or path == ":memory:":
+    def _check_sqlite_path(self, create: bool) -> None:
+        p = _sqlite_file(self.url)
+        if p is None:
             return
-        p = Path(path)
         if p.exists():
-            head = p.read_bytes()[:16]
+            with p.open("rb") as f:
+                head = f.read(16)
             if head and not head.startswith(b"SQLite format 3"):
                 raise StorageError(f"--storage {self.url!r}: {p} exists but is not a SQLite database; "
                                    "point --storage at a new or existing bbpt database file")
+        elif not create:
+            raise StorageError(f"--storage {self.url!r}: there is no database at {str(p)!r}; check the path "
+                               "(or $BBPT_STORAGE); studies are created by `bbpt optimize`")
         elif not p.parent.exists():
             raise StorageError(f"--storage {self.url!r}: folder {str(p.parent)!r} does not exist; create it first")
 
-    def _init_schema(self) -> None:
-        try:
+    def _init_schema(self, create: bool) -> None:
+        for attempt in range(3):
+            try:
+                return self._create_schema(create)
+            except DatabaseError as e:
+                # Two processes opening a new database together both find no tables and both create them;
+                # the loser's CREATE or INSERT fails, and another pass finds everything in place.
+                if attempt < 2 and (isinstance(e, IntegrityError) or "already exists" in str(e)):
+                    continue
+                raise self._error(e) from None
+
+    def _create_schema(self, create: bool) -> None:
+        if not create and not inspect(self.engine).has_table(StudyRow.__tablename__):
+            raise StorageError(f"storage {self.url!r} holds no bbpt tables; check --storage (or $BBPT_STORAGE); "
+                               "studies are created by `bbpt optimize`")
+        if create:
             Base.metadata.create_all(self.engine)
-            with self._session() as s, s.begin():
-                rows = s.scalars(select(SchemaVersion.version)).all()
-                if not rows:
-                    s.add(SchemaVersion(version=SCHEMA_VERSION))
-                elif max(rows) > SCHEMA_VERSION:
-                    raise StorageError(f"database {self.url!r} was written by a newer bbpt (schema {max(rows)}, "
-                                       f"this bbpt knows {SCHEMA_VERSION}); upgrade bbpt, or use another --storage")
-        except OperationalError as e:
-            msg = str(e.orig) if getattr(e, "orig", None) else str(e)
-            hint = ("the file or its folder is read-only; make it writable or copy it elsewhere"
-                    if "readonly" in msg.replace(" ", "").lower() else "check the URL and permissions")
-            raise StorageError(f"cannot use storage {self.url!r} ({msg}); {hint}") from None
+        with self.session() as s, s.begin():
+            rows = s.scalars(select(SchemaVersion.version)).all()
+            if not rows and create:
+                s.add(SchemaVersion(version=SCHEMA_VERSION))
+            elif rows and max(rows) > SCHEMA_VERSION:
+                raise StorageError(f"database {self.url!r} was written by a newer bbpt (schema {max(rows)}, "
+                                   f"this bbpt knows {SCHEMA_VERSION}); upgrade bbpt, or use another --storage")
+
+    def _error(self, e: DatabaseError) -> StorageError:
+        msg = str(e.orig) if getattr(e, "orig", None) else str(e)
+        if "readonly" in msg.replace(" ", "").lower():
+            hint = "the database (or its folder) is read-only; make it writable or copy it elsewhere"
+        elif isinstance(e, OperationalError):
+            hint = "check the URL, that the server is up, and permissions"
+        elif isinstance(e, IntegrityError):
+            hint = "another process is writing the same study; run one process per study"
+        else:
+            hint = "is it a bbpt database?"
+        return StorageError(f"cannot use storage {self.url!r} ({msg}); {hint}")
+
+    @contextmanager
+    def _write(self):
+        """A write transaction whose database errors (read-only, locked past the timeout, server gone)
+        become a StorageError that names the storage, instead of a traceback."""
+        try:
+            with self.session() as s, s.begin():
+                yield s
         except DatabaseError as e:
-            raise StorageError(f"cannot use storage {self.url!r} ({e.orig}); is it a bbpt database?") from None
+            raise self._error(e) from None
 
     def session(self) -> Session:
         return self._session()
@@ -100,13 +145,13 @@ class Storage:
         return row
 
     def create_study(self, name: str, config: dict, *, bbpt_version: str, model: str) -> StudyRow:
-        with self.session() as s, s.begin():
+        with self._write() as s:
             row = StudyRow(name=name, config=config, bbpt_version=bbpt_version, model=model)
             s.add(row)
         return row
 
     def update_study(self, name: str, **values) -> None:
-        with self.session() as s, s.begin():
+        with self._write() as s:
             row = s.scalar(select(StudyRow).where(StudyRow.name == name))
             for k, v in values.items():
                 setattr(row, k, v)
@@ -117,7 +162,7 @@ class Storage:
 
     def delete_study(self, name: str) -> None:
         row = self.require_study(name)
-        with self.session() as s, s.begin():
+        with self._write() as s:
             for table in (TrialRow, CheckpointRow, EvaluationRow):
                 s.execute(delete(table).where(table.study_id == row.id))
             s.execute(delete(StudyRow).where(StudyRow.id == row.id))
@@ -126,7 +171,7 @@ class Storage:
     def commit_generation(self, study_id: int, trials: list[dict], checkpoint: dict,
                           evaluations: list[dict]) -> None:
         """Trials, their evaluations and the checkpoint after them, atomically."""
-        with self.session() as s, s.begin():
+        with self._write() as s:
             s.add_all(TrialRow(study_id=study_id, **t) for t in trials)
             s.add_all(EvaluationRow(study_id=study_id, **e) for e in evaluations)
             s.add(CheckpointRow(study_id=study_id, **checkpoint))
@@ -135,7 +180,7 @@ class Storage:
                                                   CheckpointRow.generation < checkpoint["generation"]))
 
     def add_evaluations(self, study_id: int, evaluations: list[dict]) -> None:
-        with self.session() as s, s.begin():
+        with self._write() as s:
             s.add_all(EvaluationRow(study_id=study_id, **e) for e in evaluations)
 
     # -- reads ----------------------------------------------------------------------------------------------

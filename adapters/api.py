@@ -1,0 +1,111 @@
+"""``--backend api``: a model behind ``bbpt serve``, reached over its ``/v1/score`` protocol.
+
+The client never holds weights. It sends how P0 is built (the init spec), the prompt offsets ΔP of a
+population, and the texts with their template and label words; the server resolves P0 from the spec, adds the
+offsets and returns label log-probs ``[pop, n, C]``. Width and embedding std (for scaling the projection) come
+from ``/v1/models``. A population or a split larger than the server's limits is cut into several requests,
+sent concurrently and put back together.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from adapters._base import ModelInfo, ScoreResult
+from adapters.http_client import HttpClient, root_url, served_model
+from bbpt.errors import BackendError, ConfigError
+from bbpt.prompt import PromptInit
+from bbpt.server.wire import WIRE_DTYPES, encode_array
+from bbpt.tasks import Example, Template
+
+
+@dataclass
+class ApiBatch:
+    """What ``encode`` keeps client-side: the examples as the wire carries them, the template, the labels."""
+
+    examples: list[dict]
+    template: str
+    label_words: list[str]
+
+    @property
+    def n(self) -> int:
+        return len(self.examples)
+
+
+class ApiBackend:
+    def __init__(self, endpoint: str | None, *, model: str | None = None, api_key: str | None = None,
+                 dtype: str = "float32", max_concurrency: int = 4):
+        if dtype not in WIRE_DTYPES:
+            raise ConfigError(f"--dtype {dtype!r} cannot travel to bbpt serve; use one of {sorted(WIRE_DTYPES)}")
+        self.wire_dtype = dtype
+        self.http = HttpClient(root_url(endpoint), api_key=api_key, max_concurrency=max_concurrency)
+        card = served_model(self.http, [model] if model else [], allow_single=not model)
+        self.limits = card.get("limits") or {}
+        self._info = ModelInfo(name=card["id"], hidden_size=int(card["hidden_size"]), embed_std=float(card["embed_std"]),
+                               vocab_size=int(card["vocab_size"]), gradients=False,
+                               max_batch=int(self.limits.get("max_candidates", 64)),
+                               extra={"endpoint": self.http.base_url, "limits": self.limits})
+        self.init: PromptInit | None = None
+
+    def info(self) -> ModelInfo:
+        return self._info
+
+    def set_init(self, init: PromptInit | None) -> None:
+        most = self.limits.get("max_prompt_tokens")
+        if init is not None and most is not None and init.tokens > most:
+            raise ConfigError(f"--prompt-tokens {init.tokens} is above the server's limit of {most}")
+        self.init = init
+
+    def encode(self, examples: list[Example], template: Template, label_words: list[str]) -> ApiBatch:
+        if not examples:
+            raise ConfigError("cannot score an empty list of examples")
+        for ex in examples:      # template errors surface here, before any request is sent
+            template.render(ex)
+        return ApiBatch([{"text": e.text, "text_pair": e.text_pair} for e in examples], template.source,
+                        list(label_words))
+
+    def score(self, deltas: np.ndarray | None, batch: ApiBatch) -> ScoreResult:
+        if deltas is not None and self.init is None:
+            raise ConfigError("no initial prompt set; call set_init first")
+        pop = 1 if deltas is None else len(deltas)
+        cand_step, ex_step = self._steps(deltas, batch)
+        slots, payloads = [], []
+        for c0 in range(0, pop, cand_step):
+            for e0 in range(0, batch.n, ex_step):
+                p = dict(model=self._info.name, examples=batch.examples[e0:e0 + ex_step], template=batch.template,
+                         label_words=batch.label_words)
+                if deltas is not None:
+                    p["init"] = dict(kind=self.init.kind, tokens=self.init.tokens, seed=self.init.seed,
+                                     text=self.init.text)
+                    p["deltas"] = encode_array(deltas[c0:c0 + cand_step], self.wire_dtype)
+                slots.append((c0, e0))
+                payloads.append(p)
+        replies = self.http.post_many("/v1/score", payloads)
+        out = np.empty((pop, batch.n, len(batch.label_words)), np.float32)
+        for (c0, e0), r in zip(slots, replies):
+            block = out[c0:c0 + cand_step, e0:e0 + ex_step]
+            lp = np.asarray(r.body.get("logprobs"), dtype=np.float32)
+            if lp.shape != block.shape:
+                raise BackendError(f"{self.http.base_url}/v1/score returned log-probs of shape {lp.shape}, "
+                                   f"expected {block.shape}; is it a bbpt serve of the same version?")
+            block[...] = lp
+        return ScoreResult(logprobs=out, tokens=sum(int(r.body["usage"]["prompt_tokens"]) for r in replies),
+                           bytes_sent=sum(r.bytes_sent for r in replies),
+                           bytes_received=sum(r.bytes_received for r in replies))
+
+    def _steps(self, deltas, batch: ApiBatch) -> tuple[int, int]:
+        """Candidates and examples per request, within the server's count and body-size limits."""
+        ex_step = int(self.limits.get("max_examples", batch.n)) or batch.n
+        cand_step = int(self.limits.get("max_candidates", 64))
+        if deltas is not None:
+            text_bytes = len(json.dumps(batch.examples[:ex_step]))
+            per_cand = deltas[0].size * np.dtype(WIRE_DTYPES[self.wire_dtype]).itemsize * 4 // 3 + 4
+            room = int(self.limits.get("max_body_bytes", 32 * 2**20)) * 0.9 - text_bytes
+            cand_step = max(1, min(cand_step, int(room // per_cand)))
+        return cand_step, ex_step
+
+    def close(self) -> None:
+        self.http.close()

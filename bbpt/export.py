@@ -1,0 +1,127 @@
+"""Export a finished study's prompt (native or PEFT prompt tuning) and import a PEFT prompt back.
+
+The exported matrix is the one ``Session.finish`` saved: the full prompt P = P0 + ΔP of the trial selected on
+dev. The saved directory is checked against the database before use, because ``runs/<study>`` is keyed by
+name only and another database may have written a study of the same name there.
+
+PEFT's prompt tuning prepends the virtual tokens to the whole input, which is bbpt's default prefix placement;
+a prompt tuned after some text (``{prompt}`` later in the template) has no PEFT equivalent and is refused.
+bbpt's own metadata rides along in the safetensors header, so ``import-peft`` of a bbpt export restores the
+task, template and label words; a foreign adapter needs them from flags.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bbpt.config import StudyConfig
+from bbpt.errors import ConfigError, StudyError
+from bbpt.prompt import SavedPrompt
+from bbpt.storage import Storage
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_KEY = "prompt_embeddings"
+META_KEY = "bbpt"
+
+
+def study_prompt(storage: Storage, name: str, runs_dir: str | Path = "runs") -> SavedPrompt:
+    """The prompt a finished study saved, found where it said it saved it or under ``runs_dir``."""
+    row = storage.require_study(name)
+    if row.state != "complete" or not row.summary:
+        raise StudyError(f"study {name!r} is {row.state}, so no prompt has been selected on dev yet; finish it by "
+                         "rerunning the same `bbpt optimize` command, then export")
+    places = list(dict.fromkeys([Path(row.summary["prompt_path"]), Path(runs_dir) / name]))
+    for d in places:
+        if (d / "prompt.safetensors").exists() and (d / "prompt.json").exists():
+            saved = SavedPrompt.load(d)
+            if _belongs(saved.meta, row):
+                return saved
+    raise StudyError(f"no saved prompt of study {name!r} (looked in {', '.join(map(str, places))}); it is "
+                     "written on the machine that finished the study: pass its folder with --runs-dir")
+
+
+def _belongs(meta: dict, row) -> bool:
+    """Same study name, same results-relevant config, same dev and test scores as the database records."""
+    s = row.summary
+    try:
+        same_config = not StudyConfig.from_dict(meta["config"]).differences(StudyConfig.from_dict(row.config))
+        return (meta.get("study") == row.name and same_config and meta["dev"][s["metric"]] == s["dev"]
+                and meta["test"][s["metric"]] == s["test"])
+    except (KeyError, TypeError, ConfigError):
+        return False
+
+
+def to_peft(saved: SavedPrompt, out: str | Path) -> Path:
+    from safetensors.numpy import save_file
+
+    from adapters.default_model import resolve_model
+
+    meta = saved.meta
+    _require_prefix(meta.get("template") or "")
+    if meta.get("prompt_is", "P0 + delta") != "P0 + delta":
+        raise ConfigError("this prompt was tuned through a remote backend, so only its offset from P0 was saved "
+                          "(P0 stays with the server); PEFT needs the full prompt: use --format bbpt")
+    tokens, width = saved.prompt.shape
+    config = dict(
+        peft_type="PROMPT_TUNING", task_type="CAUSAL_LM", num_virtual_tokens=tokens, token_dim=width,
+        num_transformer_submodules=1, num_attention_heads=None, num_layers=None,
+        base_model_name_or_path=resolve_model(meta["model"]), revision=None, inference_mode=True,
+        auto_mapping=None, modules_to_save=None, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
+        tokenizer_name_or_path=None, tokenizer_kwargs=None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({PEFT_KEY: np.ascontiguousarray(saved.prompt, dtype=np.float32)}, str(out / PEFT_WEIGHTS),
+              metadata={"format": "pt", META_KEY: json.dumps(meta)})
+    (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def from_peft(src: str | Path, out: str | Path, task_config: StudyConfig | None = None) -> Path:
+    """A PEFT prompt-tuning adapter as a native prompt directory. ``task_config`` says what the prompt is for
+    when the adapter was not exported by bbpt (a bbpt export carries that itself)."""
+    from safetensors import safe_open
+
+    src = Path(src)
+    try:
+        config = json.loads((src / PEFT_CONFIG).read_text())
+        with safe_open(str(src / PEFT_WEIGHTS), framework="pt") as f:
+            header = f.metadata() or {}
+            prompt = f.get_tensor(PEFT_KEY).float().numpy()
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"{str(src)!r} is not a PEFT prompt-tuning adapter ({e}); it needs {PEFT_CONFIG} and "
+                          f"{PEFT_WEIGHTS} with the key {PEFT_KEY!r}") from None
+    if config.get("peft_type") != "PROMPT_TUNING" or config.get("num_transformer_submodules", 1) != 1:
+        raise ConfigError(f"{str(src)!r} holds a {config.get('peft_type')} adapter with "
+                          f"{config.get('num_transformer_submodules')} submodule(s); bbpt imports prompt tuning "
+                          "of decoder-only models (PROMPT_TUNING, one submodule) only")
+    if META_KEY in header:
+        meta = json.loads(header[META_KEY])
+    elif task_config is None:
+        raise ConfigError(f"{str(src)!r} was not exported by bbpt, so it does not say what it classifies; pass "
+                          "--task NAME, or --data with --template and --labels")
+    else:
+        meta = _foreign_meta(config, prompt, task_config)
+    meta["imported_from"] = str(src)
+    return SavedPrompt(prompt, meta).save(out)
+
+
+def _require_prefix(template: str) -> None:
+    if "{prompt}" in template and not template.startswith("{prompt}"):
+        raise ConfigError(f"the template {template!r} puts the prompt after some text, but PEFT prompt tuning "
+                          "always prepends it to the whole input; use --format bbpt, or a template without "
+                          "{prompt} (a prefix)")
+
+
+def _foreign_meta(config: dict, prompt: np.ndarray, cfg: StudyConfig) -> dict:
+    from bbpt.session import load_task_for
+
+    cfg.model, cfg.prompt_tokens = config["base_model_name_or_path"], int(prompt.shape[0])
+    task = load_task_for(cfg)
+    _require_prefix(task.template.source)
+    return dict(study=None, model=cfg.model, task=task.name, template=task.template.source,
+                label_words=task.label_words, label_names=task.label_names, tokens=cfg.prompt_tokens,
+                width=int(prompt.shape[1]), prompt_is="P0 + delta", config=cfg.to_dict())

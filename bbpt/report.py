@@ -1,0 +1,114 @@
+"""Compare studies on the same axes: a table and a four-panel plot of best-so-far train loss and dev accuracy
+against calls and against seconds.
+
+Everything comes from storage, so running, interrupted and finished studies compare alike. The axes are
+cumulated from the trials themselves: each trial is one call (a backprop step counts its forward as one call)
+and its seconds include the backward pass, so gradient and black-box runs land on the same axes honestly.
+Dev scores are accuracy for every study, whatever metric it selects on, so the panels share one y axis;
+each is placed at the calls and seconds at which the loop made that evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bbpt.storage import Storage
+
+METRIC = "accuracy"
+
+
+@dataclass
+class StudyReport:
+    name: str
+    optimizer: str
+    state: str
+    calls: np.ndarray           # cumulative, after each trial
+    seconds: np.ndarray
+    best_loss: np.ndarray       # best train loss so far, after each trial
+    tokens: int
+    dev_calls: np.ndarray       # at each dev evaluation
+    dev_seconds: np.ndarray
+    best_dev: np.ndarray        # best dev accuracy so far, at each dev evaluation
+    dev: float | None           # of the prompt selected on dev
+    test: float | None          # of the same prompt, scored once at the end
+
+    def reach(self, target: float) -> tuple[int, float] | None:
+        """Calls and seconds at the first dev evaluation at or above ``target``; None if never."""
+        hit = np.flatnonzero(self.best_dev >= target)
+        return (int(self.dev_calls[hit[0]]), float(self.dev_seconds[hit[0]])) if hit.size else None
+
+
+def gather(storage: Storage, name: str) -> StudyReport:
+    row = storage.require_study(name)
+    trials = storage.trials(row.id)
+    evals = storage.evaluations(row.id)
+    # Evaluations of trial None are the manual prompt and negative numbers are reference prompts (P0):
+    # neither is a point on the search's curve.
+    dev = sorted((e for e in evals if e.split == "dev" and e.trial_number is not None and e.trial_number >= 0),
+                 key=lambda e: (e.calls_at, e.id))
+    selected = (row.summary or {}).get("selected_trial")
+    if selected is None:
+        ck = storage.last_checkpoint(row.id)
+        selected = ck.loop_state.get("dev_best_trial") if ck else None
+    score = {(e.trial_number, e.split): e.metrics.get(METRIC) for e in evals}
+    return StudyReport(
+        name=name, optimizer=row.config["optimizer"], state=row.state,
+        calls=np.cumsum([t.calls for t in trials]), seconds=np.cumsum([t.seconds for t in trials]),
+        best_loss=np.minimum.accumulate([t.loss for t in trials]) if trials else np.array([]),
+        tokens=sum(t.tokens for t in trials),
+        dev_calls=np.array([e.calls_at for e in dev]), dev_seconds=np.array([e.seconds_at for e in dev]),
+        best_dev=np.maximum.accumulate([e.metrics[METRIC] for e in dev]) if dev else np.array([]),
+        dev=score.get((selected, "dev")), test=score.get((selected, "test")))
+
+
+def format_table(reports: list[StudyReport], target: float | None = None) -> str:
+    head = (f"{'study':28} {'optimizer':18} {'state':9} {'calls':>6} {'tokens':>11} {'seconds':>8} "
+            f"{'best loss':>9} {'dev':>6} {'test':>6}")
+    if target is not None:
+        head += f" {'calls@' + format(target, 'g'):>9} {'s@' + format(target, 'g'):>8}"
+    lines = [head]
+    for r in reports:
+        last = lambda a, fmt: format(a[-1], fmt) if len(a) else "-"
+        opt = lambda v: f"{v:.4f}" if v is not None else "-"
+        line = (f"{r.name:28} {r.optimizer:18} {r.state:9} {last(r.calls, 'd'):>6} {r.tokens:>11,} "
+                f"{last(r.seconds, '.1f'):>8} {last(r.best_loss, '.4f'):>9} {opt(r.dev):>6} {opt(r.test):>6}")
+        if target is not None:
+            hit = r.reach(target)
+            line += f" {hit[0] if hit else 'never':>9} {f'{hit[1]:.1f}' if hit else '-':>8}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def figure(reports: list[StudyReport], target: float | None = None):
+    """The four panels as a matplotlib Figure; one colour per study, the same in every panel."""
+    from matplotlib.figure import Figure   # no pyplot: no global state, no GUI backend; saves with Agg
+
+    fig = Figure(figsize=(11, 8), layout="constrained")
+    axes = list(fig.subplots(2, 2).flat)
+    xlabels = ("calls (forward passes over the training batch)", "seconds (scoring, backward included)")
+    ylabels = ("best train loss so far", f"best dev {METRIC} so far")
+    for i, r in enumerate(reports):
+        series = [(r.calls, r.best_loss), (r.seconds, r.best_loss),
+                  (r.dev_calls, r.best_dev), (r.dev_seconds, r.best_dev)]
+        for k, (ax, (x, y)) in enumerate(zip(axes, series)):
+            ax.step(x, y, where="post", color=f"C{i % 10}", label=f"{r.name} ({r.optimizer})",
+                    marker="o" if k >= 2 else None, markersize=3)
+    for k, ax in enumerate(axes):
+        ax.set_xlabel(xlabels[k % 2])
+        ax.set_ylabel(ylabels[k // 2])
+        ax.grid(alpha=0.3)
+        if target is not None and k >= 2:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:g}")
+        if k % 2 == 0:
+            ax.legend(fontsize="small")
+    fig.suptitle("bbpt compare: " + ", ".join(r.name for r in reports))
+    return fig
+
+
+def plot(reports: list[StudyReport], path: str | Path, target: float | None = None) -> Path:
+    path = Path(path)
+    figure(reports, target).savefig(path, dpi=110)
+    return path

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from bbpt.errors import ConfigError, DataError
+from bbpt.tasks import BUILTIN, Example, Template, load_task
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN))
+def test_builtin_tasks_split_few_shot(name):
+    task = load_task(task=name, shots=4, seed=1)
+    k = task.num_classes
+    assert len(task.train) == len(task.dev) == 4 * k
+    assert {e.label for e in task.train} == set(range(k))
+    assert not {(e.text, e.text_pair) for e in task.train} & {(e.text, e.text_pair) for e in task.dev}
+    assert len(task.test) > 100
+    before, after = task.template.render(task.train[0])
+    assert before == "" and task.train[0].text in after
+
+
+def test_split_is_deterministic_by_seed():
+    a, b, c = (load_task(task="sst2", shots=8, seed=s) for s in (3, 3, 4))
+    assert a.train == b.train and a.dev == b.dev
+    assert a.train != c.train
+
+
+def test_template_errors_name_the_value():
+    with pytest.raises(ConfigError, match=r"no \{text\}"):
+        Template("Sentiment:")
+    with pytest.raises(ConfigError, match="unknown field"):
+        Template("{text} {review}")
+
+
+def test_template_infix_split():
+    t = Template("Review: {text}\n{prompt}Sentiment:")
+    assert t.placement == "infix"
+    assert t.render(Example("great", 1)) == ("Review: great\n", "Sentiment:")
+    assert Template("{prompt}{text}").placement == "prefix"
+
+
+def test_custom_data_and_label_names(sst2_jsonl):
+    task = load_task(data=str(sst2_jsonl), template="Review: {text}\nSentiment:",
+                     labels=[" negative", " positive"], shots=4, seed=0)
+    assert len(task.train) == 8 and len(task.test) == 80 - 16
+
+
+def test_unknown_label_names_line_and_value(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text(json.dumps({"text": "ok", "label": "neutral"}) + "\n")
+    with pytest.raises(DataError, match=r"d.jsonl:1 has label 'neutral'.*negative"):
+        load_task(data=str(p), template="{text}", labels=[" negative", " positive"])
+
+
+def test_empty_and_malformed_files(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match="has no examples"):
+        load_task(data=str(empty), template="{text}", labels=[" a", " b"])
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x", "label": 0}\n{oops\n')
+    with pytest.raises(DataError, match="bad.jsonl:2 is not valid JSON"):
+        load_task(data=str(bad), template="{text}", labels=[" a", " b"])
+    nofield = tmp_path / "nofield.csv"
+    nofield.write_text("sentence,label\nhi,0\n")
+    with pytest.raises(DataError, match="no field 'text'.*--text-field"):
+        load_task(data=str(nofield), template="{text}", labels=[" a", " b"])
+
+
+def test_unknown_task_and_too_few_examples(sst2_jsonl):
+    with pytest.raises(ConfigError, match="unknown task 'sst3'"):
+        load_task(task="sst3")
+    with pytest.raises(DataError, match="--shots 30 needs 60"):
+        load_task(data=str(sst2_jsonl), template="{text}", labels=[" a", " b"], shots=30)
