@@ -8,6 +8,8 @@ study repeats no completed trial and loses none.
 from __future__ import annotations
 
 import os
+import random
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -82,13 +84,16 @@ class Storage:
             raise StorageError(f"--storage {self.url!r}: folder {str(p.parent)!r} does not exist; create it first")
 
     def _init_schema(self, create: bool) -> None:
-        for attempt in range(3):
+        for attempt in range(8):
             try:
                 return self._create_schema(create)
             except DatabaseError as e:
                 # Two processes opening a new database together both find no tables and both create them;
-                # the loser's CREATE or INSERT fails, and another pass finds everything in place.
-                if attempt < 2 and (isinstance(e, IntegrityError) or "already exists" in str(e)):
+                # the loser's CREATE or INSERT fails, and another pass finds everything in place. The pooled
+                # connection may still hold the old schema, so drop it and wait a moment before looking again.
+                if attempt < 7 and (isinstance(e, IntegrityError) or "already exists" in str(e)):
+                    self.engine.dispose()
+                    time.sleep(random.uniform(0.05, 0.3))
                     continue
                 raise self._error(e) from None
 
