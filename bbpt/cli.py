@@ -27,6 +27,17 @@ EPILOG = """examples:
 """
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one worth reading (not None/False) and the help text does not
+    already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _add_task_args(p: argparse.ArgumentParser, default_task: str | None = "sst2") -> None:
     g = p.add_argument_group("task (built-in, or your own file)")
     g.add_argument("--task", default=None, help=f"built-in task: sst2, yelp, agnews, dbpedia, mrpc, rte, snli "
@@ -73,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsFormatter
 
     p = sub.add_parser("optimize", help="tune a prompt on a task and report baseline, dev and test",
                        formatter_class=fmt, description="Tune a soft prompt. Every generation is stored as it "

@@ -214,7 +214,11 @@ def cmd_optimizers(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ConfigError(f"bbpt serve needs the server extra ({e.name} is missing): pip install 'bbpt[serve]'") from None
 
     from adapters.hf import HFBackend
     from bbpt.server.app import create_app
