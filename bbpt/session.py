@@ -64,6 +64,10 @@ class Session:
                 raise StudyError(f"study {self.name!r} exists with a different config ({detail}); resume it with "
                                  "the same settings, or pick a new --study name")
         self.config = cfg
+        if cfg.optimizer != "backprop" and cfg.budget % cfg.popsize:
+            # Population optimizers tell whole generations; a partial one would be scored and then thrown away.
+            log.warning("--budget %d is not a multiple of --popsize %d: the study stops after %d calls",
+                        cfg.budget, cfg.popsize, cfg.budget - cfg.budget % cfg.popsize)
         self.task = load_task_for(cfg)
         self.backend = backend if backend is not None else open_backend(cfg, api_key)
         self.info = self.backend.info()
