@@ -22,6 +22,7 @@ EPILOG = """examples:
   bbpt studies list
   bbpt compare sst2-cma sst2-backprop --target 0.8 --plot compare.png
   bbpt export sst2-cma --format peft --out peft_prompt/
+  bbpt study run studies/sst2_gradient_vs_dfo.toml && bbpt study report studies/sst2_gradient_vs_dfo.toml
   bbpt serve --model smollm2-135m --port 8000 --api-key KEY
   bbpt optimize --backend api --endpoint http://127.0.0.1:8000 --api-key KEY --task sst2
 """
@@ -74,6 +75,71 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=None,
                    help="SQLAlchemy URL of the study database (default: $BBPT_STORAGE or sqlite:///bbpt.db)")
+
+
+STUDY_DESCRIPTION = """\
+Run a whole comparison declared in a TOML spec (every arm x seed x task, one bbpt study each, all in one
+storage), then report it as markdown tables and plots. A spec, annotated:
+
+  name = "sst2_demo"        # default: the file name; studies are named <name>/<task>/<arm>/seed<k>
+  tasks = ["sst2"]          # built-in tasks: sst2 yelp agnews dbpedia mrpc rte snli
+  seeds = [0, 1, 2]         # each seeds the few-shot split, the projection and the optimizer
+  shots = 16                # any `bbpt optimize` setting, spelled as a key (intrinsic_dim, not
+  prompt_tokens = 10        # --intrinsic-dim), is a default for every arm
+  budget = 300              # calls
+  # storage = "sqlite:///my.db"   default: results/<name>.db in the spec's folder
+
+  [[arms]]
+  name = "manual"
+  optimizer = "manual"      # the task's manual prompt, no tuning: the bar to clear
+  [[arms]]
+  name = "icl"
+  optimizer = "icl"         # solved train examples in the prompt text, no tuning
+  demos_per_class = 1
+  [[arms]]
+  name = "backprop"
+  optimizer = "backprop"
+  budget = 40               # an arm overrides any setting
+  [[arms]]
+  name = "cma"
+  optimizer = "cma"         # or random, nevergrad:NGOpt, ... (`bbpt optimizers`)
+
+A misspelt or unknown key is an error that names it. `reference = "ARM"` picks the arm whose mean dev score
+the report's "calls to reach" column measures against (default: the first backprop arm).
+
+examples:
+  bbpt study run studies/sst2_gradient_vs_dfo.toml --dry-run    # what is done, what is left
+  bbpt study run studies/sst2_gradient_vs_dfo.toml              # interrupted? run it again: it resumes
+  bbpt study report studies/sst2_gradient_vs_dfo.toml           # studies/results/sst2_gradient_vs_dfo.md
+"""
+
+
+def _add_study_parser(sub) -> None:
+    p = sub.add_parser("study", help="run a comparison declared in a TOML spec (arms x seeds x tasks), and "
+                       "report it", description=STUDY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ssub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sp = ssub.add_parser("run", help="run every study of the spec: complete ones are skipped, interrupted ones "
+                         "resume", description="Run every study the spec declares, in seed-major order (every arm "
+                         "of every task gets the first seed before any gets the second), into the spec's storage. Complete "
+                         "studies are skipped and interrupted ones resume where their last generation was "
+                         "stored, so after an interruption run the same command again. A study whose stored "
+                         "settings differ from the spec's stops the run with a message saying what to do.")
+    sp.add_argument("spec", metavar="SPEC.toml", help="the study spec, e.g. studies/sst2_gradient_vs_dfo.toml")
+    sp.add_argument("--storage", help="SQLAlchemy URL to use instead of the spec's storage")
+    sp.add_argument("--dry-run", action="store_true", help="list every study and its state (new, calls done, "
+                                                           "complete); run nothing")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar (the per-study log lines remain)")
+    sp = ssub.add_parser("report", help="write the spec's markdown report and plots from its storage",
+                         description="Write <spec folder>/results/<name>.md: per task, mean ± std over seeds of "
+                         "dev and test score per arm, calls, tokens, seconds and calls to reach the reference "
+                         "arm's dev score; and <name>-<task>.png: best-so-far dev score against calls and "
+                         "seconds, one band per arm. Only complete studies count. The report is rebuilt from "
+                         "storage alone: the same storage gives the same file. A written reading of the results "
+                         "goes in results/<name>.reading.md and is included.")
+    sp.add_argument("spec", metavar="SPEC.toml", help="the study spec that was run")
+    sp.add_argument("--storage", help="SQLAlchemy URL to read instead of the spec's storage")
+    sp.add_argument("--out", metavar="FILE.md", help="where to write the markdown (plots go beside it; default: "
+                                                     "results/<name>.md in the spec's folder)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(p, default_task=None)
 
     sub.add_parser("optimizers", help="list optimizer names, Nevergrad's registry included")
+
+    _add_study_parser(sub)
 
     p = sub.add_parser("serve", help="serve a model over HTTP for --backend api|vllm clients (and tuned prompts)",
                        formatter_class=fmt, description="Serve a model so prompts can be tuned by clients that "

@@ -204,6 +204,52 @@ def cmd_import_peft(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from bbpt.studyspec import load_spec
+
+    spec = load_spec(args.spec)         # validated before anything is opened or written
+    if args.action == "report":
+        from bbpt.studyspec import write_report
+
+        out = write_report(spec, storage_url=args.storage, out=args.out, spec_arg=args.spec)
+        print(f"report written to {out}")
+        return 0
+    url = spec.storage_url(args.storage)
+    if args.dry_run:
+        return _study_plan(spec, url)
+    from bbpt.studyspec import run_spec
+
+    print(f"study spec {spec.name}: {len(spec.plan)} studies in {url}", file=sys.stderr)
+    failed = run_spec(spec, storage_url=args.storage, progress=not args.no_progress)
+    if failed:
+        print(f"{len(failed)} studies failed: {', '.join(failed)}; the log above says why. Rerunning resumes "
+              "them from their last stored generation.", file=sys.stderr)
+        return 1
+    print(f"all {len(spec.plan)} studies of {spec.name} are complete; next: bbpt study report {args.spec}"
+          + (f" --storage {args.storage}" if args.storage else ""))
+    return 0
+
+
+def _study_plan(spec, url: str) -> int:
+    from bbpt.errors import StorageError
+    from bbpt.storage import Storage
+    from bbpt.studyspec import status
+
+    try:
+        states = status(spec, Storage(url, create=False))
+    except StorageError:
+        states = None       # nothing stored yet: every study is new
+    w = max(len(p.name) for p in spec.plan)
+    print(f"{'study':{w}} {'state':9} {'calls':>11}")
+    for i, p in enumerate(spec.plan):
+        s = states[i] if states else None
+        state = s.state if s else "new"
+        budget = p.config.budget if p.arm.tuned else 0
+        note = f"  stored settings differ: {', '.join(s.stale)}" if s and s.stale and s.state != "new" else ""
+        print(f"{p.name:{w}} {state:9} {s.calls if s else 0:>5}/{budget:<5}{note}")
+    return 0
+
+
 def cmd_optimizers(args) -> int:
     from bbpt.optimizers.nevergrad_opt import registry_names
 

@@ -41,7 +41,9 @@ class StudyReport:
         return (int(self.dev_calls[hit[0]]), float(self.dev_seconds[hit[0]])) if hit.size else None
 
 
-def gather(storage: Storage, name: str) -> StudyReport:
+def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
+    """A study's curves and selected scores from storage; ``metric`` (accuracy or f1) is what the dev curve
+    and the dev/test scores report."""
     row = storage.require_study(name)
     trials = storage.trials(row.id)
     evals = storage.evaluations(row.id)
@@ -53,14 +55,14 @@ def gather(storage: Storage, name: str) -> StudyReport:
     if selected is None:
         ck = storage.last_checkpoint(row.id)
         selected = ck.loop_state.get("dev_best_trial") if ck else None
-    score = {(e.trial_number, e.split): e.metrics.get(METRIC) for e in evals}
+    score = {(e.trial_number, e.split): e.metrics.get(metric) for e in evals}
     return StudyReport(
         name=name, optimizer=row.config["optimizer"], state=row.state,
         calls=np.cumsum([t.calls for t in trials]), seconds=np.cumsum([t.seconds for t in trials]),
         best_loss=np.minimum.accumulate([t.loss for t in trials]) if trials else np.array([]),
         tokens=sum(t.tokens for t in trials),
         dev_calls=np.array([e.calls_at for e in dev]), dev_seconds=np.array([e.seconds_at for e in dev]),
-        best_dev=np.maximum.accumulate([e.metrics[METRIC] for e in dev]) if dev else np.array([]),
+        best_dev=np.maximum.accumulate([e.metrics[metric] for e in dev]) if dev else np.array([]),
         dev=score.get((selected, "dev")), test=score.get((selected, "test")))
 
 
@@ -112,3 +114,43 @@ def plot(reports: list[StudyReport], path: str | Path, target: float | None = No
     path = Path(path)
     figure(reports, target).savefig(path, dpi=110)
     return path
+
+
+def _read_steps(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """A best-so-far curve known at points ``x``, read at each ``grid`` value (NaN before its first point)."""
+    idx = np.searchsorted(x, grid, side="right") - 1
+    return np.where(idx >= 0, y[np.clip(idx, 0, None)], np.nan)
+
+
+def band_figure(arms: list[tuple[str, list[StudyReport]]], *, levels: list[tuple[str, float]] = (),
+                metric: str = METRIC, title: str = ""):
+    """Best-so-far dev ``metric`` against calls and against seconds, one band per arm: the mean over its
+    studies (seeds) as a line and their min-to-max range shaded. Colours follow the order of ``arms`` (pass
+    every arm, even one without studies yet, so an arm keeps its colour across figures). ``levels`` are arms
+    with no search (a manual prompt), drawn as flat dashed lines at their mean dev score."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for i, (label, reports) in enumerate(arms):
+        reports = [r for r in reports if len(r.best_dev)]
+        if not reports:
+            continue
+        for ax, attr in zip(axes, ("dev_calls", "dev_seconds")):
+            xs = [getattr(r, attr) for r in reports]
+            grid = np.unique(np.concatenate(xs))
+            ys = np.array([_read_steps(x, r.best_dev, grid) for x, r in zip(xs, reports)])
+            ax.step(grid, np.nanmean(ys, 0), where="post", color=f"C{i % 10}", label=f"{label} ({len(reports)})")
+            ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), step="post", color=f"C{i % 10}", alpha=0.2,
+                            linewidth=0)
+    for k, (label, value) in enumerate(levels):
+        for ax in axes:
+            ax.axhline(value, color=f"C{(len(arms) + k) % 10}", linestyle="--", linewidth=1, label=label)
+    for ax, xlabel in zip(axes, ("calls (forward passes over the training batch)",
+                                 "seconds (scoring, backward included)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"best dev {metric} so far")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small", title="arm (seeds): mean, min-max", title_fontsize="small")
+    fig.suptitle(title)
+    return fig

@@ -1,0 +1,89 @@
+"""The arms that tune nothing, scored on dev and test like any selected prompt.
+
+- ``manual``: the task's template as it is (the bar every tuned prompt has to clear);
+- ``icl``: the same template after ``demos_per_class`` solved examples of each class, drawn from the train
+  split with the study's seed and shuffled, as text. One per class by default: a 135M model's context is
+  long enough for that on every built-in task, and the train split is all a tuned arm may learn from too.
+
+No soft prompt is involved, so both are scored with no prompt offsets (``deltas=None``), exactly as
+``Session.finish`` scores its manual-prompt baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+
+import bbpt
+from bbpt.scoring import evaluate
+from bbpt.session import load_task_for
+from bbpt.storage import Storage
+from bbpt.studyspec.spec import BASELINE_SETTINGS, Planned
+from bbpt.tasks import Task, Template
+
+# Stored-config keys that do not change a baseline's scores (where the model runs, not what it computes).
+RESULT_NEUTRAL = frozenset({"device", "endpoint", "template"})
+
+
+def icl_template(task: Task, demos_per_class: int, seed: int) -> str:
+    """The task's template preceded by solved train examples, blank-line separated."""
+    rng = random.Random(seed)
+    picks = []
+    for c in range(task.num_classes):
+        picks += rng.sample([ex for ex in task.train if ex.label == c], demos_per_class)
+    rng.shuffle(picks)     # classes interleaved at random, so the last demonstration does not hint a label
+    demos = [task.template.render_plain(ex) + task.label_words[ex.label] for ex in picks]
+    # Demonstrations are literal text inside a format string: braces in them must not become fields.
+    escaped = [d.replace("{", "{{").replace("}", "}}") for d in demos]
+    return "\n\n".join(escaped + [task.template.source])
+
+
+def baseline_config(p: Planned) -> dict:
+    """What a baseline study stores as its config: what decides its examples and model, and its arm."""
+    d = p.config.to_dict()
+    out = {k: d[k] for k in ("task", "seed", *sorted(BASELINE_SETTINGS), "version")}
+    out.update(optimizer=p.arm.optimizer, budget=0)
+    if p.arm.optimizer == "icl":
+        out["demos_per_class"] = p.arm.demos_per_class
+    return out
+
+
+def baseline_differences(stored: dict, p: Planned) -> list[str]:
+    want = baseline_config(p)
+    return sorted(k for k in set(stored) | set(want)
+                  if k not in RESULT_NEUTRAL and stored.get(k) != want.get(k))
+
+
+def run_baseline(p: Planned, storage: Storage, backend) -> dict:
+    """Score the arm's fixed prompt on dev and test and store it as a complete study with no trials.
+
+    All scoring happens before the first write, and a study left incomplete by a kill between the writes is
+    deleted and redone here: it has no trials, so nothing of value is lost."""
+    cfg = p.config
+    task = load_task_for(cfg)
+    stored = baseline_config(p)
+    note = "manual prompt"
+    if p.arm.optimizer == "icl":
+        source = icl_template(task, p.arm.demos_per_class, p.seed)
+        task = dataclasses.replace(task, template=Template(source))
+        stored["template"] = source
+        note = f"in-context learning: {p.arm.demos_per_class} train demonstration(s) per class in the prompt"
+    evals, by = [], {}
+    for split in ("dev", "test"):
+        examples = task.split(split)
+        batch = backend.encode(examples, task.template, task.label_words)
+        m, tokens, _ = evaluate(backend, None, batch, np.array([e.label for e in examples]), task.num_classes)
+        evals.append(dict(trial_number=None, split=split, metrics=m, tokens=tokens, note=note))
+        by[split] = m
+    metric = "f1" if task.metric == "f1" else "accuracy"
+    summary = dict(study=p.name, task=task.name, model=cfg.model, backend=cfg.backend, optimizer=p.arm.optimizer,
+                   seed=cfg.seed, budget=0, calls=0, tokens=0, seconds=0.0, metric=metric, selected_trial=None,
+                   dev=by["dev"][metric], test=by["test"][metric], storage=storage.url)
+    if storage.get_study(p.name) is not None:
+        storage.delete_study(p.name)
+    row = storage.create_study(p.name, stored, bbpt_version=bbpt.__version__, model=cfg.model)
+    storage.add_evaluations(row.id, evals)
+    storage.update_study(p.name, state="complete", summary=summary)
+    return summary

@@ -1,0 +1,181 @@
+"""``bbpt study report``: a markdown report and one PNG per task, rebuilt from the storage alone.
+
+Everything printed comes from the spec and the stored studies, in the spec's order (tasks, then arms, seeds
+in the order listed), so the same storage gives a byte-identical report; the only dates are the first and
+last moments recorded in the storage itself. Only complete studies count: test is scored once, at the end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+import bbpt
+from bbpt.errors import StorageError
+from bbpt.report import StudyReport, band_figure, gather
+from bbpt.storage import Storage
+from bbpt.studyspec.spec import Arm, StudySpec
+
+LEGEND = """\
+How to read the columns: *dev* is the prompt selected on dev (for manual and icl, the fixed prompt) and
+*test* the same prompt, scored once at the end; both are mean ± sample standard deviation over seeds, in
+percent. *calls* counts forward passes of one candidate over the training batch (a backprop step is one
+call, its backward pass shows in *seconds*); *tokens* are those the calls processed; *seconds* is their
+scoring time. All three are means per study and cover the search only. *calls to reach* is the first dev
+evaluation (made every `eval_every` calls) at which a study's best dev score was at least the reference
+arm's mean dev score: the mean over the seeds that got there, with how many did."""
+
+
+def write_report(spec: StudySpec, *, storage_url: str | None = None, out: str | Path | None = None,
+                 spec_arg: str | None = None) -> Path:
+    """Write ``<results>/<spec>.md`` and ``<results>/<spec>-<task>.png``; returns the markdown's path."""
+    try:
+        storage = Storage(spec.storage_url(storage_url), create=False)
+    except StorageError as e:
+        raise StorageError(f"{e}; for a study spec, run `bbpt study run {spec_arg or spec.path}` first") from None
+    out = Path(out) if out else spec.results_dir / f"{spec.name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = {p.name: storage.get_study(p.name) for p in spec.plan}
+    cells: dict[tuple[str, str], list[tuple[StudyReport, dict]]] = {}
+    for p in spec.plan:
+        row = rows[p.name]
+        if row is not None and row.state == "complete" and row.summary:
+            rep = gather(storage, p.name, row.summary["metric"])
+            cells.setdefault((p.task, p.arm.name), []).append((rep, row.summary))
+    lines = _header(spec, storage_url, spec_arg, [r for r in rows.values() if r is not None], cells)
+    for task in spec.tasks:
+        lines += _task_section(spec, task, cells, out)
+    if len(spec.tasks) > 1:
+        lines += _overview(spec, cells)
+    lines += ["## Arms", ""] + [f"- `{a.name}`: {_describe(spec, a)}" for a in spec.arms] + ["", LEGEND, ""]
+    reading = out.parent / f"{spec.name}.reading.md"
+    lines += ["## Reading", ""]
+    lines += [reading.read_text().strip(), ""] if reading.exists() else [
+        f"No written reading yet: put one in `{reading.name}` next to this file and rerun the report.", ""]
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _header(spec: StudySpec, storage_url, spec_arg, rows, cells) -> list[str]:
+    arg = spec_arg or str(spec.path)
+    storage = f"`{storage_url or spec.storage}`" if storage_url or spec.storage else \
+        f"`results/{spec.name}.db` (next to the spec)"
+    flag = f" --storage {storage_url}" if storage_url else ""
+    done = [r for r in rows if r.state == "complete"]
+    summaries = [s for v in cells.values() for _, s in v]
+    reports = [r for v in cells.values() for r, _ in v]
+    lines = [f"# Study `{spec.name}`", "",
+             f"- reproduce: `bbpt study run {arg}{flag}`, then `bbpt study report {arg}{flag}`",
+             f"- spec: `{arg}` (sha256 {spec.sha256[:16]}); storage: {storage}",
+             f"- report written by bbpt {bbpt.__version__}; studies run by bbpt "
+             f"{', '.join(sorted({r.bbpt_version for r in done})) or '-'}",
+             f"- model: `{spec.plan[0].config.model}`; seeds: {', '.join(map(str, spec.seeds))}; "
+             f"{spec.plan[0].config.shots} examples per class in train and in dev",
+             f"- studies: {len(done)}/{len(spec.plan)} complete"]
+    if done:
+        first = min(r.created for r in done).strftime("%Y-%m-%d %H:%M")
+        last = max(r.updated for r in done).strftime("%Y-%m-%d %H:%M")
+        lines[-1] += f", run between {first} and {last} UTC"
+    for m in sorted({s.get("machine", "not recorded") for s in summaries}):
+        lines.append(f"- machine: {m}")
+    wall = sum(s.get("wall_seconds", s["seconds"]) for s in summaries)
+    scoring = sum(float(r.seconds[-1]) for r in reports if len(r.seconds))
+    lines += [f"- total time: {_duration(wall)} of study wall time (summed over studies), of which "
+              f"{_duration(scoring)} scoring calls of the searches", ""]
+    return lines
+
+
+def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
+    from bbpt.tasks import BUILTIN
+
+    metric = "f1" if BUILTIN[task].metric == "f1" else "accuracy"
+    name = "macro-F1" if metric == "f1" else "accuracy"
+    ref = cells.get((task, spec.reference), []) if spec.reference else []
+    target = float(np.mean([s["dev"] for _, s in ref])) if ref else None
+    head = ["arm", "optimizer", "seeds", f"dev {name}", f"test {name}", "calls", "tokens", "seconds"]
+    if target is not None:
+        head.append(f"calls to reach dev {100 * target:.1f} ({spec.reference})")
+    lines = [f"## {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in spec.arms:
+        got = cells.get((task, arm.name), [])
+        row = [arm.name, arm.optimizer, f"{len(got)}/{len(spec.seeds)}"]
+        if got:
+            reports, sums = zip(*got)
+            row += [_pm([s["dev"] for s in sums]), _pm([s["test"] for s in sums])]
+            row += [_mean([s["calls"] for s in sums], "{:,.0f}"), _mean([s["tokens"] for s in sums], "{:,.0f}"),
+                    _mean([s["seconds"] for s in sums], "{:,.1f}")] if arm.tuned else ["-", "-", "-"]
+            if target is not None:
+                row.append(_reach(reports, target) if arm.tuned else "-")
+        else:
+            row += ["-"] * (len(head) - 3)
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    png = _plot(spec, task, cells, metric, out)
+    if png:
+        lines += [f"![best-so-far dev {name} on {task}, against calls and seconds]({png.name})", ""]
+    return lines
+
+
+def _plot(spec: StudySpec, task: str, cells, metric: str, out: Path) -> Path | None:
+    arms = [(a.name, [r for r, _ in cells.get((task, a.name), [])]) for a in spec.arms if a.tuned]
+    if not any(len(r.best_dev) for _, reports in arms for r in reports):
+        return None
+    levels = [(f"{a.name} (mean)", float(np.mean([s["dev"] for _, s in cells[(task, a.name)]])))
+              for a in spec.arms if not a.tuned and cells.get((task, a.name))]
+    path = out.parent / f"{spec.name}-{task}.png"
+    band_figure(arms, levels=levels, metric=metric, title=f"{spec.name}: {task}").savefig(path, dpi=110)
+    return path
+
+
+def _overview(spec: StudySpec, cells) -> list[str]:
+    """Test scores of every arm on every task, side by side (the suite's headline)."""
+    lines = ["## All tasks: test score (mean ± std over seeds, %)", "",
+             "| arm | " + " | ".join(spec.tasks) + " | mean |", "|" + "---|" * (len(spec.tasks) + 2)]
+    for arm in spec.arms:
+        means, row = [], [arm.name]
+        for task in spec.tasks:
+            got = cells.get((task, arm.name))
+            row.append(_pm([s["test"] for _, s in got]) if got else "-")
+            means += [float(np.mean([s["test"] for _, s in got]))] if got else []
+        row.append(f"{100 * np.mean(means):.1f}" if len(means) == len(spec.tasks) else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def _describe(spec: StudySpec, arm: Arm) -> str:
+    """The settings an arm's studies ran with (those that matter for its optimizer), from the plan."""
+    cfg = next(p.config for p in spec.plan if p.arm is arm)
+    if arm.optimizer == "manual":
+        return "the task's manual prompt, no tuning"
+    if arm.optimizer == "icl":
+        return f"{arm.demos_per_class} solved train example(s) per class before the manual prompt, no tuning"
+    parts = [arm.optimizer, f"budget {cfg.budget} calls", f"{cfg.prompt_tokens} prompt tokens", f"init {cfg.init}",
+             f"space {cfg.space}"]
+    if cfg.space == "projected":
+        parts += [f"d {cfg.intrinsic_dim}", f"alpha {cfg.alpha:g}"]
+    parts += [f"lr {cfg.lr:g}"] if arm.optimizer == "backprop" else [f"popsize {cfg.popsize}", f"sigma0 {cfg.sigma0:g}"]
+    return ", ".join(parts) + f", loss {cfg.loss}, dev every {cfg.eval_every} calls"
+
+
+def _pm(values) -> str:
+    v = 100 * np.asarray(values, dtype=float)
+    return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
+
+
+def _mean(values, fmt: str) -> str:
+    return fmt.format(float(np.mean(values)))
+
+
+def _reach(reports, target: float) -> str:
+    hits = [h for h in (r.reach(target) for r in reports) if h]
+    n = f"({len(hits)}/{len(reports)})"
+    return f"{np.mean([h[0] for h in hits]):,.0f} {n}" if hits else f"never {n}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

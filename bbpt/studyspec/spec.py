@@ -1,0 +1,253 @@
+"""Study specs: a TOML file that declares a comparison (tasks × seeds × arms), parsed and validated once.
+
+Top-level keys are the spec's own (name, tasks, seeds, storage, runs_dir, reference, arms) plus any
+:class:`~bbpt.config.StudyConfig` setting, which becomes the default of every arm; an ``[[arms]]`` table names
+an optimizer and overrides any of those settings. Two arms tune nothing: ``manual`` scores the task's manual
+prompt, ``icl`` the same prompt after in-context demonstrations drawn from the train split.
+
+Every (task, seed, arm) becomes one bbpt study named ``<spec>/<task>/<arm>/seed<k>`` whose StudyConfig is
+built here, so a typo or an invalid value fails before anything runs or is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
+
+from bbpt.config import StudyConfig
+from bbpt.errors import ConfigError
+
+BASELINES = ("manual", "icl")
+# StudyConfig fields a spec does not set: task and seed come from `tasks` and `seeds`, each arm names its own
+# optimizer, and the data-file fields describe user files (specs run built-in tasks, whose templates are fixed).
+NOT_IN_SPEC = frozenset({"task", "seed", "version", "optimizer", "data", "test_data", "template", "labels",
+                         "label_names", "text_field", "text_pair_field", "label_field"})
+SETTINGS = tuple(f.name for f in dataclasses.fields(StudyConfig) if f.name not in NOT_IN_SPEC)
+SPEC_KEYS = frozenset({"name", "tasks", "seeds", "storage", "runs_dir", "reference", "arms"})
+# Arms that tune nothing only need what decides the examples and how the model is reached.
+BASELINE_SETTINGS = frozenset({"shots", "max_test", "model", "backend", "endpoint", "device", "dtype"})
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")   # one path segment: names end up in folders
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    optimizer: str                       # an optimizer spec, or "manual" / "icl"
+    settings: dict                       # StudyConfig overrides of this arm (as written)
+    demos_per_class: int = 1             # icl only
+
+    @property
+    def tuned(self) -> bool:
+        return self.optimizer not in BASELINES
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One study of the spec. For tuned arms ``config`` is what the study loop runs; for manual/icl it only
+    carries the task, split and model settings (its optimizer field is a placeholder, never run)."""
+
+    name: str
+    task: str
+    arm: Arm
+    seed: int
+    config: StudyConfig
+
+
+@dataclass
+class StudySpec:
+    path: Path
+    name: str
+    tasks: list[str]
+    seeds: list[int]
+    arms: list[Arm]
+    defaults: dict                       # top-level StudyConfig settings, as written
+    storage: str | None = None           # as written; None: results/<name>.db next to the spec
+    runs_dir: str = "runs"
+    reference: str | None = None         # the arm whose mean dev score the others race to
+    sha256: str = ""
+    plan: list[Planned] = field(default_factory=list)
+
+    @property
+    def results_dir(self) -> Path:
+        return self.path.parent / "results"
+
+    def storage_url(self, override: str | None = None) -> str:
+        if override:
+            return override
+        return self.storage or f"sqlite:///{self.results_dir / (self.name + '.db')}"
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
+
+
+def study_name(spec: str, task: str, arm: str, seed: int) -> str:
+    return f"{spec}/{task}/{arm}/seed{seed}"
+
+
+def load_spec(path: str | Path) -> StudySpec:
+    """Read, type-check and validate a spec; raises ConfigError naming the file, the key and the fix."""
+    path = Path(path)
+    try:
+        raw_bytes = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read study spec {str(path)!r} ({e.strerror}); pass the path of a .toml spec, "
+                          "e.g. studies/sst2_gradient_vs_dfo.toml") from None
+    try:
+        raw = tomllib.loads(raw_bytes.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"study spec {str(path)!r} is not valid TOML: {e}") from None
+    where = f"{path} (top level)"
+    _check_keys(raw, SPEC_KEYS | set(SETTINGS), where)
+    name = raw.get("name", path.stem)
+    _check_name(name, "name", where)
+    tasks = _str_list(raw, "tasks", where)
+    from bbpt.tasks import BUILTIN    # the task list is small; load it only once a spec is read
+
+    for t in tasks:
+        if t not in BUILTIN:
+            raise ConfigError(f"{where}: unknown task {t!r} in tasks; built-in tasks are {sorted(BUILTIN)}")
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise ConfigError(f"{where}: seeds = {seeds!r} should be a list of distinct integers, e.g. seeds = [0, 1, 2]")
+    defaults = {k: _typed(k, v, where) for k, v in raw.items() if k in SETTINGS}
+    arms = _arms(raw.get("arms"), path)
+    spec = StudySpec(path=path, name=name, tasks=tasks, seeds=seeds, arms=arms, defaults=defaults,
+                     storage=_opt_str(raw, "storage", where), runs_dir=_opt_str(raw, "runs_dir", where) or "runs",
+                     reference=_reference(raw, arms, where), sha256=hashlib.sha256(raw_bytes).hexdigest())
+    spec.plan = _plan(spec)
+    return spec
+
+
+def _arms(raw_arms, path: Path) -> list[Arm]:
+    if not isinstance(raw_arms, list) or not raw_arms or not all(isinstance(a, dict) for a in raw_arms):
+        raise ConfigError(f"{path}: no arms; add one [[arms]] table per arm, each with name and optimizer, e.g.\n"
+                          '[[arms]]\nname = "cma"\noptimizer = "cma"')
+    arms: list[Arm] = []
+    for i, a in enumerate(raw_arms):
+        where = f"{path} [[arms]] #{i + 1}" + (f" {a['name']!r}" if isinstance(a.get("name"), str) else "")
+        for key in ("name", "optimizer"):
+            if not isinstance(a.get(key), str):
+                raise ConfigError(f"{where}: {key} is missing or not a string; every arm needs "
+                                  'name = "..." and optimizer = "cma" | "backprop" | "nevergrad:NAME" | "random" '
+                                  '| "manual" | "icl"')
+        _check_name(a["name"], "name", where)
+        if any(b.name == a["name"] for b in arms):
+            raise ConfigError(f"{where}: arm name {a['name']!r} is used twice; arm names must be unique")
+        opt = a["optimizer"]
+        if opt in BASELINES:
+            allowed = {"name", "optimizer"} | BASELINE_SETTINGS | ({"demos_per_class"} if opt == "icl" else set())
+        else:
+            allowed = {"name", "optimizer"} | set(SETTINGS)
+        _check_keys(a, allowed, where, note=f" for an arm with optimizer {opt!r}")
+        demos = a.get("demos_per_class", 1)
+        if isinstance(demos, bool) or not isinstance(demos, int) or demos < 1:
+            raise ConfigError(f"{where}: demos_per_class = {demos!r} should be an integer of at least 1")
+        settings = {k: _typed(k, v, where) for k, v in a.items() if k in SETTINGS}
+        arms.append(Arm(name=a["name"], optimizer=opt, settings=settings, demos_per_class=demos))
+    return arms
+
+
+def _reference(raw: dict, arms: list[Arm], where: str) -> str | None:
+    """Default: the first backprop arm, so "calls to reach" reads as "calls to match gradient descent"."""
+    ref = raw.get("reference")
+    if ref is None:
+        return next((a.name for a in arms if a.optimizer == "backprop"), None)
+    tuned = [a.name for a in arms if a.tuned]
+    if ref not in tuned:
+        raise ConfigError(f"{where}: reference = {ref!r} is not a tuned arm of this spec; choose one of {tuned}")
+    return ref
+
+
+def _plan(spec: StudySpec) -> list[Planned]:
+    """Seed-major order: every arm of every task gets its first seed before any gets a second, so an
+    interrupted run already answers the whole question, with fewer seeds."""
+    plan = []
+    for seed in spec.seeds:
+        for task in spec.tasks:
+            for arm in spec.arms:
+                values = {**spec.defaults, **arm.settings}
+                if arm.tuned:
+                    values["optimizer"] = arm.optimizer
+                else:
+                    values = {k: v for k, v in values.items() if k in BASELINE_SETTINGS}
+                    values["optimizer"] = "random"     # placeholder: StudyConfig needs one; never run
+                where = f"{spec.path} [[arms]] {arm.name!r}"
+                try:
+                    cfg = StudyConfig(task=task, seed=seed, **values)
+                except ConfigError as e:
+                    raise ConfigError(f"{where}: {_as_keys(e)}") from None
+                if arm.optimizer == "icl" and arm.demos_per_class > cfg.shots:
+                    raise ConfigError(f"{where}: demos_per_class = {arm.demos_per_class} but the train split has "
+                                      f"only shots = {cfg.shots} examples per class; lower demos_per_class")
+                plan.append(Planned(study_name(spec.name, task, arm.name, seed), task, arm, seed, cfg))
+    return plan
+
+
+def _as_keys(e: ConfigError) -> str:
+    """StudyConfig speaks in command-line flags (--sigma0); a spec spells them as keys (sigma0)."""
+    msg = re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), str(e))
+    if msg.startswith("unknown optimizer"):
+        msg += '; or "manual" / "icl" for an arm that tunes nothing'
+    return msg
+
+
+# -- small checks --------------------------------------------------------------------------------------------
+def _check_keys(table: dict, allowed: set | frozenset, where: str, note: str = "") -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{note}; allowed keys: {', '.join(sorted(allowed))}")
+
+
+def _check_name(value, key: str, where: str) -> None:
+    if not isinstance(value, str) or not SAFE_NAME.match(value):
+        raise ConfigError(f"{where}: {key} = {value!r} must be letters, digits, '_', '-' or '.', starting with a "
+                          "letter or digit (it becomes part of study names and folders)")
+
+
+def _str_list(raw: dict, key: str, where: str) -> list[str]:
+    v = raw.get(key)
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v) or len(set(v)) != len(v):
+        raise ConfigError(f'{where}: {key} = {v!r} should be a non-empty list of distinct names, e.g. {key} = ["sst2"]')
+    return v
+
+
+def _opt_str(raw: dict, key: str, where: str) -> str | None:
+    v = raw.get(key)
+    if v is not None and not isinstance(v, str):
+        raise ConfigError(f"{where}: {key} = {v!r} should be a string")
+    return v
+
+
+_HINTS = typing.get_type_hints(StudyConfig)
+
+
+def _typed(key: str, value, where: str):
+    """Check a TOML value against the StudyConfig field's type (StudyConfig itself does not check types);
+    integers are accepted where a float is expected."""
+    hint = _HINTS[key]
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for t in options:
+        if t is bool and isinstance(value, bool):
+            return value
+        if isinstance(value, bool):
+            continue
+        if t is int and isinstance(value, int):
+            return value
+        if t is float and isinstance(value, (int, float)):
+            return float(value)
+        if t is str and isinstance(value, str):
+            return value
+    want = " or ".join(t.__name__ for t in options if t is not type(None))
+    raise ConfigError(f"{where}: {key} = {value!r} should be {want}")

@@ -1,0 +1,180 @@
+"""`bbpt study run|report` on a tiny spec: four arms (manual, icl, backprop, cma) × two seeds on the tiny random
+model. An interrupted run resumed by rerunning the command stores exactly what an uninterrupted one does; a
+third run writes nothing; the report has a mean ± std row per arm and is byte-identical when rebuilt; spec
+mistakes exit 2 naming the key."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bbpt.cli import main
+from bbpt.storage import Storage
+from study_helpers import cli, dump
+
+ARMS = {"manual": 0, "icl": 0, "bp": 3, "cma": 8}      # arm -> calls
+STUDIES = [f"tiny/sst2/{arm}/seed{s}" for s in (0, 1) for arm in ARMS]   # the plan's (seed-major) order
+
+
+def write_spec(folder: Path, model: str, top: str = "", arm_extra: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "tiny.toml"
+    spec.write_text(f"""
+name = "tiny"
+model = {str(model)!r}
+device = "cpu"
+tasks = ["sst2"]
+seeds = [0, 1]
+shots = 4
+max_test = 16
+prompt_tokens = 3
+intrinsic_dim = 8
+popsize = 4
+budget = 8
+runs_dir = {str(folder / "runs")!r}
+{top}
+[[arms]]
+name = "manual"
+optimizer = "manual"
+
+[[arms]]
+name = "icl"
+optimizer = "icl"
+
+[[arms]]
+name = "bp"
+optimizer = "backprop"
+budget = 3
+
+[[arms]]
+name = "cma"
+optimizer = "cma"
+{arm_extra}
+""")
+    return spec
+
+
+def db_url(spec: Path) -> str:
+    return f"sqlite:///{spec.parent / 'results' / 'tiny.db'}"
+
+
+def rows(url: str, sql: str, *args) -> list[tuple]:
+    con = sqlite3.connect(f"file:{url.split('///', 1)[1]}?mode=ro", uri=True)
+    try:
+        return con.execute(sql, args).fetchall()
+    finally:
+        con.close()
+
+
+def trials(url: str, study: str) -> list[tuple]:
+    return rows(url, "SELECT t.number, t.loss FROM trials t JOIN studies s ON s.id = t.study_id WHERE s.name = ? "
+                     "ORDER BY t.id", study)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model_dir):
+    """The tiny spec run once, uninterrupted."""
+    spec = write_spec(tmp_path_factory.mktemp("ref"), tiny_model_dir)
+    assert main(["-q", "study", "run", str(spec), "--no-progress"]) == 0
+    return SimpleNamespace(spec=spec, url=db_url(spec))
+
+
+def test_interrupted_run_resumes_to_what_an_uninterrupted_run_stores(tmp_path, tiny_model_dir, finished,
+                                                                     monkeypatch, caplog):
+    spec = write_spec(tmp_path, tiny_model_dir)
+    real = Storage.commit_generation
+    commits = []
+
+    def interrupted(self, *a, **kw):    # Ctrl-C right after the second stored generation (backprop's step 2)
+        real(self, *a, **kw)
+        commits.append(1)
+        if len(commits) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Storage, "commit_generation", interrupted)
+    assert main(["-q", "study", "run", str(spec), "--no-progress"]) == 130
+    url = db_url(spec)
+    states = dict(rows(url, "SELECT name, state FROM studies"))
+    assert states == {STUDIES[0]: "complete", STUDIES[1]: "complete", STUDIES[2]: "running"}
+    assert len(trials(url, STUDIES[2])) == 2
+
+    monkeypatch.setattr(Storage, "commit_generation", real)
+    caplog.set_level(logging.INFO, logger="bbpt.studyspec.runner")
+    assert main(["-q", "study", "run", str(spec), "--no-progress"]) == 0
+    assert f"{STUDIES[0]}: complete, skipped" in caplog.text
+    assert f"{STUDIES[2]}: resuming at call 2/3" in caplog.text
+
+    assert rows(url, "SELECT name, state FROM studies ORDER BY name") == [(n, "complete") for n in sorted(STUDIES)]
+    for name in STUDIES:
+        got, want = trials(url, name), trials(finished.url, name)
+        assert [n for n, _ in got] == list(range(ARMS[name.split("/")[2]])), name   # none lost, none twice
+        np.testing.assert_allclose([lo for _, lo in got], [lo for _, lo in want], atol=1e-6, err_msg=name)
+    dupes = rows(url, "SELECT study_id, trial_number, split, COUNT(*) FROM evaluations WHERE split = 'test' "
+                      "GROUP BY study_id, trial_number, split HAVING COUNT(*) > 1")
+    assert dupes == []
+    summary = lambda u: {n: (d, t) for n, d, t in rows(u, "SELECT name, json_extract(summary, '$.dev'), "
+                                                          "json_extract(summary, '$.test') FROM studies")}
+    assert summary(url) == pytest.approx(summary(finished.url))
+
+    before = dump(url)      # a third run finds everything complete and writes nothing
+    assert main(["-q", "study", "run", str(spec), "--no-progress"]) == 0
+    assert dump(url) == before
+
+
+def test_report_has_a_row_per_arm_and_is_rebuilt_identically(finished, capsys):
+    assert main(["-q", "study", "report", str(finished.spec)]) == 0
+    md = finished.spec.parent / "results" / "tiny.md"
+    text = md.read_text()
+    table = [ln for ln in text.splitlines() if ln.startswith("| ") and ln.split(" | ")[0][2:] in ARMS]
+    assert [ln.split(" | ")[0][2:] for ln in table] == list(ARMS)
+    for ln in table:
+        cols = ln.strip("| ").split(" | ")
+        assert cols[2] == "2/2" and "±" in cols[3] and "±" in cols[4], ln
+    # The manual row is the mean of its two seeds' stored test scores, in percent.
+    tests = [t for (t,) in rows(finished.url, "SELECT json_extract(summary, '$.test') FROM studies "
+                                              "WHERE name LIKE 'tiny/sst2/manual/%' ORDER BY name")]
+    assert table[0].split(" | ")[4].startswith(f"{100 * np.mean(tests):.1f} ± ")
+    assert "calls to reach dev" in text and "(bp)" in text
+    assert (md.parent / "tiny-sst2.png").stat().st_size > 0 and "](tiny-sst2.png)" in text
+    assert main(["-q", "study", "report", str(finished.spec)]) == 0
+    assert md.read_text() == text
+
+    capsys.readouterr()
+    assert main(["-q", "study", "run", str(finished.spec), "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"{name} " in listing for name in STUDIES) and listing.count("complete") == len(STUDIES)
+
+
+def test_unknown_spec_key_exits_2_naming_it(tmp_path, tiny_model_dir):
+    spec = write_spec(tmp_path, tiny_model_dir, arm_extra="sigma = 0.5")
+    r = cli(["study", "run", str(spec)], tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "unknown key 'sigma'" in r.stderr and "sigma0" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "results").exists()      # nothing opened or written
+
+
+@pytest.mark.parametrize("top,arm_extra,message", [
+    ("budgett = 8", "", "(top level): unknown key 'budgett'; allowed keys: "),
+    ("", 'budget = "8"', "budget = '8' should be int"),
+    ("", "sigma0 = nan", "sigma0 nan is invalid"),
+    ('reference = "manual"', "", "reference = 'manual' is not a tuned arm"),
+    ("", 'optimizer = "adam"', None),          # TOML itself refuses a key given twice
+])
+def test_spec_mistakes_exit_2(tmp_path, tiny_model_dir, capsys, top, arm_extra, message):
+    spec = write_spec(tmp_path, tiny_model_dir, top=top, arm_extra=arm_extra)
+    assert main(["study", "run", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert (message or "is not valid TOML") in err and str(spec) in err
+
+
+def test_baseline_arm_rejects_tuning_keys(tmp_path, tiny_model_dir, capsys):
+    spec = write_spec(tmp_path, tiny_model_dir)
+    spec.write_text(spec.read_text().replace('optimizer = "manual"', 'optimizer = "manual"\npopsize = 4'))
+    assert main(["study", "report", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'popsize' for an arm with optimizer 'manual'" in err and "allowed keys: backend" in err
