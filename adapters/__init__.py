@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from adapters._base import Backend, GradientBackend, ModelInfo, ScoreResult
+from adapters._base import Backend, CachingBackend, GradientBackend, ModelInfo, ScoreResult
 
-__all__ = ["BACKENDS", "Backend", "GradientBackend", "ModelInfo", "ScoreResult", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "CachingBackend", "GradientBackend", "ModelInfo", "ScoreResult", "make_backend"]
 
-BACKENDS = ("local", "api", "vllm")
+BACKENDS = ("local", "api", "vllm", "openai")
 
 
 def make_backend(kind: str, **kwargs) -> Backend:
@@ -27,4 +27,10 @@ def make_backend(kind: str, **kwargs) -> Backend:
 
         return VLLMBackend(kwargs.get("endpoint"), model=kwargs["model"], api_key=kwargs.get("api_key"),
                            dtype=kwargs.get("dtype", "float32"))
+    if kind == "openai":    # a text-only API (completions or chat with top-k log-probs): discrete prompts
+        from adapters.openai_text import OpenAITextBackend
+
+        return OpenAITextBackend(kwargs.get("endpoint"), model=kwargs.get("model"), api_key=kwargs.get("api_key"),
+                                 chat=kwargs.get("chat", False), logprobs=kwargs.get("logprobs", True),
+                                 top_logprobs=kwargs.get("top_logprobs"))
     raise ConfigError(f"unknown --backend {kind!r}; available: {', '.join(BACKENDS)}")

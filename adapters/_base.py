@@ -4,6 +4,12 @@ A backend is told once how to build the initial prompt P0 (``set_init``; the wei
 only the backend can resolve text or vocabulary into embedding rows), encodes a list of examples once
 (``encode``), and then scores a whole population of prompt offsets ΔP in one ``score`` call, returning
 log-probabilities of each class's first label token: ``[pop, n, C]``.
+
+What ``score`` takes as prompts depends on ``ModelInfo.prompt_kinds``: ``"soft"`` backends take offsets ΔP
+(``[pop, m, D]``, or None for no prompt); ``"text"`` backends take a :class:`bbpt.prompt.TextPrompts` (a
+population of discrete prompts, as text) and place each where the template says. A text-only API can do only
+the latter; a local model can do both. The session checks the space against the backend's kinds, so nothing
+above ``adapters/`` asks which backend it has.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from bbpt.prompt import PromptInit
+from bbpt.prompt import PromptInit, TextPrompts
 from bbpt.tasks import Example, Template
 
 
@@ -26,6 +32,7 @@ class ModelInfo:
     gradients: bool
     max_batch: int = 64
     extra: dict = field(default_factory=dict)
+    prompt_kinds: tuple[str, ...] = ("soft",)     # "soft" (offsets ΔP) and/or "text" (TextPrompts)
 
 
 @dataclass
@@ -34,6 +41,11 @@ class ScoreResult:
     tokens: int                   # tokens the model processed for this call
     bytes_sent: int = 0
     bytes_received: int = 0
+    # A backend that reads answers instead of scores (a text API without log-probs) sets the parsed class of
+    # each answer, -1 where none could be parsed; fitness is then the error rate, not a loss on ``logprobs``.
+    predicted: np.ndarray | None = None       # [pop, n] ints
+    # Per-prompt accounting the study stores in each trial's metrics (requests, tokens, cache hits, ...).
+    per_prompt: list[dict] | None = None
 
 
 @runtime_checkable
@@ -44,9 +56,17 @@ class Backend(Protocol):
 
     def encode(self, examples: list[Example], template: Template, label_words: list[str]) -> Any: ...
 
-    def score(self, deltas: np.ndarray | None, batch: Any) -> ScoreResult: ...
+    def score(self, prompts: "np.ndarray | TextPrompts | None", batch: Any) -> ScoreResult: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class CachingBackend(Backend, Protocol):
+    """A backend whose requests cost money: the session hands it the study's request cache, so a resumed or
+    repeated study never sends the same request twice."""
+
+    def use_cache(self, cache) -> None: ...
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ import numpy as np
 from adapters._base import ModelInfo, ScoreResult
 from adapters.default_model import resolve_model
 from bbpt.errors import BackendError, ConfigError
-from bbpt.prompt import PromptInit
+from bbpt.prompt import PromptInit, TextPrompts
 from bbpt.tasks import Example, Template
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class EncodedBatch:
     after: list[list[int]]
     label_ids: list[int]
     embeds: list = None          # per example: (before embeds, after embeds), filled lazily
+    examples: list = None        # the examples and template themselves, for discrete (text) prompts
+    template: Template = None
 
     @property
     def n(self) -> int:
@@ -84,7 +86,7 @@ class HFBackend:
             name=model, hidden_size=int(self.embedding.weight.shape[1]),
             embed_std=float(self.embedding.weight.float().std()), vocab_size=int(self.embedding.weight.shape[0]),
             gradients=True, max_batch=max(1, max_batch_tokens // 64),
-            extra={"device": self.device, "dtype": dtype})
+            extra={"device": self.device, "dtype": dtype}, prompt_kinds=("soft", "text"))
 
     # -- protocol -------------------------------------------------------------------------------------------
     def info(self) -> ModelInfo:
@@ -120,13 +122,18 @@ class HFBackend:
             # Special tokens (a BOS, for tokenizers that add one) go on the first text piece, as PEFT does.
             before.append(self.tokenizer(b, add_special_tokens=True)["input_ids"] if b else [])
             after.append(self.tokenizer(a, add_special_tokens=not b)["input_ids"])
-        return EncodedBatch(before=before, after=after, label_ids=label_ids)
+        return EncodedBatch(before=before, after=after, label_ids=label_ids, examples=list(examples),
+                            template=template)
 
-    def score(self, deltas: np.ndarray | None, batch: EncodedBatch) -> ScoreResult:
+    def score(self, deltas: np.ndarray | TextPrompts | None, batch: EncodedBatch) -> ScoreResult:
         torch = self.torch
-        d = None if deltas is None else torch.as_tensor(np.asarray(deltas), device=self.device, dtype=self.dtype)
         with torch.inference_mode():
-            lp, tokens = self._logprobs(d, batch)
+            if isinstance(deltas, TextPrompts):
+                lp, tokens = self._text_logprobs(deltas.texts, batch)
+            else:
+                d = None if deltas is None else torch.as_tensor(np.asarray(deltas), device=self.device,
+                                                                dtype=self.dtype)
+                lp, tokens = self._logprobs(d, batch)
         return ScoreResult(logprobs=lp.float().cpu().numpy(), tokens=tokens)
 
     def close(self) -> None:
@@ -167,28 +174,40 @@ class HFBackend:
         m = 0 if deltas is None else self.p0.shape[0]
         embeds = self._example_embeds(batch)
         lengths = [len(b) + m + len(a) for b, a in zip(batch.before, batch.after)]
-        order = sorted(range(batch.n), key=lengths.__getitem__)
-        pairs = [(c, j) for j in order for c in range(len(prompts))]
+        return self._batched(len(prompts), batch, lambda c, j: lengths[j], lambda c, j: torch.cat(
+            [embeds[j][0]] + ([prompts[c]] if prompts[c] is not None else []) + [embeds[j][1]]))
+
+    def _text_logprobs(self, texts, batch: EncodedBatch):
+        """Discrete prompts: each (prompt, example) text tokenized whole, as a text API would see it."""
+        if batch.examples is None:
+            raise ConfigError("this batch was encoded without its examples; encode it again to score text prompts")
+        ids = [[self.tokenizer(batch.template.render_text_prompt(ex, t), add_special_tokens=True)["input_ids"]
+                for ex in batch.examples] for t in texts]
+        return self._batched(len(texts), batch, lambda c, j: len(ids[c][j]), lambda c, j: self.embedding(
+            self.torch.tensor(ids[c][j], dtype=self.torch.long, device=self.device)))
+
+    def _batched(self, pop: int, batch: EncodedBatch, length, sequence):
+        """Label log-probs ``[pop, n, C]`` of every (candidate, example) sequence, in chunks of similar length
+        under the token budget."""
+        torch = self.torch
+        pairs = sorted(((c, j) for j in range(batch.n) for c in range(pop)), key=lambda p: length(*p))
         label_ids = torch.tensor(batch.label_ids, device=self.device)
         rows, cand_idx, ex_idx = [], [], []
         start = 0
         while start < len(pairs):
             # Pairs are sorted by length, so the chunk's last pair is its longest.
             end = start + 1
-            while end < len(pairs) and (end - start + 1) * lengths[pairs[end][1]] <= self.max_batch_tokens:
+            while end < len(pairs) and (end - start + 1) * length(*pairs[end]) <= self.max_batch_tokens:
                 end += 1
             chunk = pairs[start:end]
-            seqs = [torch.cat([embeds[j][0]] + ([prompts[c]] if prompts[c] is not None else []) + [embeds[j][1]])
-                    for c, j in chunk]
-            rows.append(self._last_logprobs(seqs)[:, label_ids])
+            rows.append(self._last_logprobs([sequence(c, j) for c, j in chunk])[:, label_ids])
             cand_idx += [c for c, _ in chunk]
             ex_idx += [j for _, j in chunk]
             start = end
         flat = torch.cat(rows)
-        out = flat.new_zeros(len(prompts), batch.n, len(batch.label_ids))
+        out = flat.new_zeros(pop, batch.n, len(batch.label_ids))
         out[torch.tensor(cand_idx), torch.tensor(ex_idx)] = flat
-        tokens = sum(lengths) * len(prompts)
-        return out, tokens
+        return out, sum(length(c, j) for c, j in pairs)
 
     def _last_logprobs(self, seqs):
         """Full-vocabulary log-probs at the last position of each left-padded sequence."""

@@ -53,6 +53,7 @@ class Reply:
     bytes_sent: int               # every attempt's request body: what this call cost on the wire
     bytes_received: int
     attempts: int
+    seconds: float = 0.0          # from the first attempt to the answer, backoff included
 
 
 class HttpStatusError(BackendError):
@@ -141,16 +142,20 @@ class HttpClient:
     def get(self, path: str) -> Reply:
         return self._submit(self._request("GET", path, None))
 
-    def post_many(self, path: str, payloads: list[dict]) -> list[Reply]:
-        """POST each payload (concurrently, up to the limit); all succeed or the call raises BackendError."""
+    def post_many(self, path: str, payloads: list[dict], return_exceptions: bool = False) -> list:
+        """POST each payload (concurrently, up to the limit); all succeed or the call raises BackendError.
+        With ``return_exceptions`` every request runs to its end and a failed one's place holds its error, so
+        a caller can keep (and cache) the answers that did come back."""
         async def all_of():
-            return await asyncio.gather(*(self._request("POST", path, p) for p in payloads))
+            return await asyncio.gather(*(self._request("POST", path, p) for p in payloads),
+                                        return_exceptions=return_exceptions)
 
         return self._submit(all_of())
 
     async def _request(self, method: str, path: str, payload: dict | None) -> Reply:
         body = None if payload is None else json.dumps(payload).encode()
         traffic = _Traffic()
+        start = time.perf_counter()
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.retry.attempts), wait=_BackoffOrRetryAfter(self.retry),
             retry=tenacity.retry_if_exception(_retryable), reraise=True,
@@ -159,7 +164,9 @@ class HttpClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._attempt(method, path, body, traffic)
+                    reply = await self._attempt(method, path, body, traffic)
+                    reply.seconds = time.perf_counter() - start
+                    return reply
         except (httpx.TransportError, RetryableStatus) as e:
             raise BackendError(f"{method} {self.base_url}{path} failed after {traffic.attempts} attempt(s): "
                                f"{type(e).__name__}: {e}; is the server running and reachable? "

@@ -14,21 +14,22 @@ Each (candidate, example) sequence is one prompt asking for one token. Label log
   on the first call by a probe; servers that ignore or refuse the field fall back to
 - top-k ``logprobs`` (vLLM's ``--max-logprobs`` defaults to 20). A label outside the top-k gets a **floor**:
   the largest log-prob it could have given what came back, ``min(lowest top-k log-prob, log(1 − top-k
-  mass))``. It ranks below every returned token, as the true value does, but can overstate it. Such labels
-  are counted (``missing_labels``, ``last_missing``) and each call that needed a floor logs a warning.
+  mass))`` (:mod:`adapters.topk`). It ranks below every returned token, as the true value does, but can
+  overstate it. Such labels are counted (``missing_labels``, ``last_missing``) and each call that needed a
+  floor logs a warning.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from pathlib import Path
 
 import numpy as np
 
 from adapters._base import ModelInfo, ScoreResult
 from adapters.default_model import resolve_model
+from adapters.embedding_table import load_input_embeddings
 from adapters.http_client import HttpClient, HttpStatusError, root_url, served_model
+from adapters.topk import NO_MASS, label_floor
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit
 from bbpt.server.wire import encode_embeds
@@ -37,32 +38,7 @@ from bbpt.tasks import Example, Template
 log = logging.getLogger(__name__)
 
 LABEL_MODES = ("auto", "token_ids", "topk")
-
-
-def load_input_embeddings(path: str):
-    """The input-embedding matrix alone, and the model config, from a local model directory's safetensors.
-
-    The parameter's name comes from the model class itself (built on the meta device, so no memory is used),
-    not from a list of model families.
-    """
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    table = skeleton.get_input_embeddings().weight
-    name = next(n for n, p in skeleton.named_parameters() if p is table)
-    tail = ".".join(name.split(".")[-2:])          # e.g. embed_tokens.weight, for checkpoints with other prefixes
-    files = sorted(Path(path).glob("*.safetensors"))
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                if key == name or key.endswith("." + tail):
-                    return st.get_tensor(key).float(), config
-    raise ConfigError(f"no input-embedding tensor ({name}) in the safetensors files of {path} ({len(files)} "
-                      "found); the vllm backend needs the model's safetensors locally for its embedding table")
+__all__ = ["LABEL_MODES", "VLLMBackend", "label_floor", "load_input_embeddings"]   # the last two moved; kept here
 
 
 def _embedding_only(weight, config):
@@ -83,13 +59,6 @@ def _embedding_only(weight, config):
             raise BackendError("the vllm client holds only the embedding table; the model runs on the server")
 
     return EmbeddingOnly()
-
-
-def label_floor(values) -> float:
-    """The most a token absent from a top-k answer can have: below the lowest returned, within the rest."""
-    v = np.asarray(list(values), dtype=np.float64)
-    rest = 1.0 - float(np.exp(v).sum())
-    return float(min(v.min(), math.log(rest) if rest > 1e-300 else -690.0))
 
 
 class VLLMBackend:
@@ -217,7 +186,7 @@ class VLLMBackend:
         missing = np.zeros(out.shape, bool)
         for i, top in enumerate(tops):
             by_id = {(int(k[9:]) if k.startswith("token_id:") else pieces.get(k)): v for k, v in top.items()}
-            floor = label_floor(top.values()) if top else -690.0
+            floor = label_floor(top.values()) if top else NO_MASS
             for c, t in enumerate(label_ids):
                 missing[i, c] = t not in by_id
                 out[i, c] = by_id.get(t, floor)

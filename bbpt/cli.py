@@ -25,6 +25,8 @@ EPILOG = """examples:
   bbpt study run studies/sst2_gradient_vs_dfo.toml && bbpt study report studies/sst2_gradient_vs_dfo.toml
   bbpt serve --model smollm2-135m --port 8000 --api-key KEY
   bbpt optimize --backend api --endpoint http://127.0.0.1:8000 --api-key KEY --task sst2
+  bbpt optimize --backend openai --endpoint http://127.0.0.1:8080/v1 --task sst2 --space discrete --budget 200
+  bbpt eval --prompt runs/<study> --backend openai --endpoint http://127.0.0.1:8080/v1 --split test
 """
 
 
@@ -34,7 +36,7 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
+        if action.default is None or isinstance(action.default, bool) or "default" in text:
             return text
         return super()._get_help_string(action)
 
@@ -64,12 +66,34 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (default, from PyPI, no hub needed), a local directory, or a hub id")
     g.add_argument("--backend", default="local", help="how the model is reached: local (default), api (a bbpt "
-                   "serve), vllm (an OpenAI-compatible server taking prompt_embeds; needs --model's files locally)")
+                   "serve), vllm (an OpenAI-compatible server taking prompt_embeds; needs --model's files locally), "
+                   "openai (any OpenAI-compatible text API with log-probs; tunes discrete prompts: --space discrete "
+                   "or vocab)")
     g.add_argument("--endpoint", help="server URL for remote backends, e.g. http://127.0.0.1:8000")
     g.add_argument("--api-key", default=os.environ.get("BBPT_API_KEY"), help="bearer key for remote backends "
                                                                              "(or BBPT_API_KEY); never stored")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
+    _add_text_api_args(p)
+
+
+def _add_text_api_args(p: argparse.ArgumentParser, costs: bool = True) -> None:
+    """``costs=False`` (eval): flags not given are None, so a saved prompt's own settings apply."""
+    g = p.add_argument_group("text-only APIs (--backend openai)")
+    g.add_argument("--chat", action="store_const", const=True, default=False if costs else None,
+                   help="use /v1/chat/completions (the prompt becomes the system message unless the template "
+                        "places it with {prompt}); default /v1/completions")
+    g.add_argument("--no-logprobs", dest="logprobs", action="store_const", const=False,
+                   default=True if costs else None,
+                   help="for APIs without log-probs: fitness is the accuracy of the generated answers, parsed "
+                        "strictly (an answer must begin with a label word)")
+    g.add_argument("--top-logprobs", type=int, help="top-k log-probs to ask for (default: the largest the server "
+                   "accepts, tried from 20 down); labels outside the top-k get a floor, counted per trial")
+    if costs:
+        g.add_argument("--price-per-1k", type=float, help="money per 1,000 tokens (prompt + completion): trials "
+                       "and the summary then carry a cost estimate")
+        g.add_argument("--max-tokens-total", type=int, help="stop the search before a generation would take the "
+                       "tokens spent past this (estimated from the costliest generation so far)")
 
 
 def _add_storage_args(p: argparse.ArgumentParser) -> None:
@@ -161,10 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-tokens", type=int, default=10, help="m, the number of virtual tokens")
     g.add_argument("--init", default="task", help="where P0 starts: task (the task's instruction text), "
                    'labels, vocab (random frequent tokens), zeros, or text:"your words"')
-    g.add_argument("--space", choices=("projected", "full"), help="projected: P = P0 + A z (default for "
-                   "derivative-free); full: train P itself (default for backprop)")
+    g.add_argument("--space", choices=("projected", "full", "discrete", "vocab"), help="projected: P = P0 + A z "
+                   "(default for derivative-free); full: train P itself (default for backprop); discrete: P0 + A z "
+                   "snapped to the nearest tokens, sent as text; vocab: each of --prompt-tokens positions picks one "
+                   "of --vocab-size words")
     g.add_argument("--intrinsic-dim", type=int, default=500, help="d, the size of z (BBT: 500)")
-    g.add_argument("--alpha", type=float, default=1.0, help="scale of the random projection A")
+    g.add_argument("--alpha", type=float, default=1.0, help="scale of the random projection A (discrete: 1 "
+                                                            "replaces about a fifth of the tokens per σ0 step)")
+    g.add_argument("--space-model", help="--space discrete: the model whose tokenizer and embedding table the "
+                   "prompt is snapped to (default: --model if it is local, else smollm2-135m)")
+    g.add_argument("--vocab", help="--space vocab: a file of candidate words, one per line (default: words of "
+                   "the training texts ranked by association with the labels)")
+    g.add_argument("--vocab-size", type=int, default=50, help="--space vocab: candidate words per position")
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="cma", help="cma, backprop, random, or nevergrad:NAME "
                                                      "(e.g. nevergrad:NGOpt; `bbpt optimizers` lists names)")
@@ -192,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(p, default_task=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    g = p.add_argument_group("where a discrete prompt (prompt.txt) is scored (default: as it was tuned)")
+    g.add_argument("--backend", help="local or openai")
+    g.add_argument("--endpoint", help="the API's URL, e.g. http://127.0.0.1:8080/v1")
+    g.add_argument("--api-key", default=os.environ.get("BBPT_API_KEY"), help="bearer key (or BBPT_API_KEY)")
+    g.add_argument("--model", help="the model: a served model id for openai, local files for local")
+    _add_text_api_args(p, costs=False)
 
     p = sub.add_parser("predict", help="classify texts with a saved prompt", formatter_class=fmt)
     p.add_argument("--prompt", required=True, help="a saved prompt directory, e.g. runs/<study>")
@@ -206,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp = ssub.add_parser(action, help=helptext)
         if action != "list":
             sp.add_argument("name")
+        if action == "show":
+            sp.add_argument("--text", action="store_true", help="print only the best discrete prompt, as plain "
+                                                                "text ready to paste into any API")
         _add_storage_args(sp)
 
     p = sub.add_parser("trials", help="print the trials of a study")

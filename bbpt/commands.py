@@ -18,7 +18,8 @@ CONFIG_FLAGS = [f for f in StudyConfig.__dataclass_fields__ if f != "version"]
 
 
 def _config_from_args(args) -> StudyConfig:
-    values = {k: getattr(args, k) for k in CONFIG_FLAGS if hasattr(args, k)}
+    # A flag left at None keeps the config's default (every None-default field stays None either way).
+    values = {k: getattr(args, k) for k in CONFIG_FLAGS if getattr(args, k, None) is not None}
     if args.data:
         values["task"] = None
     elif not args.task:
@@ -58,39 +59,55 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 
+# How a discrete prompt is scored: as it was tuned, unless these flags say otherwise.
+TEXT_BACKEND_KEYS = ("backend", "endpoint", "model", "chat", "logprobs", "top_logprobs", "device")
+
+
 def _saved_task_and_backend(args):
     from adapters.hf import HFBackend
-    from bbpt.prompt import PromptInit, SavedPrompt
-    from bbpt.session import load_task_for
+    from bbpt.prompt import PromptInit, SavedPrompt, TextPrompts
+    from bbpt.session import open_backend
 
     saved = SavedPrompt.load(args.prompt)
     meta = saved.meta
-    cfg = StudyConfig.from_dict(meta["config"])
+    tuned = StudyConfig.from_dict(meta["config"])
+    cfg = tuned
     override = getattr(args, "task", None) or getattr(args, "data", None)
     if override:
         cfg = _config_from_args(args)
         cfg.template = cfg.template or meta["template"]
         cfg.labels = cfg.labels or meta["label_words"]
+    if saved.text is not None:      # a discrete prompt: text, scored by any backend that takes text
+        for k in TEXT_BACKEND_KEYS:
+            given = getattr(args, k, None)
+            setattr(cfg, k, given if given is not None else getattr(tuned, k))
+        return TextPrompts((saved.text,)), cfg, open_backend(cfg, api_key=getattr(args, "api_key", None))
+    if getattr(args, "backend", None) not in (None, "local"):
+        raise ConfigError(f"{args.prompt} holds a soft prompt (embeddings), which --backend {args.backend} cannot "
+                          "take; soft prompts are scored locally (leave out --backend)")
     backend = HFBackend(meta["model"], device=args.device)
     if tuple(saved.prompt.shape) != (meta["tokens"], backend.info().hidden_size):
         raise ConfigError(f"prompt in {args.prompt} has shape {saved.prompt.shape} but model {meta['model']} "
                           f"has width {backend.info().hidden_size}; use the model it was tuned for")
     # The saved matrix is P itself, so P0 is zeros and the offset is the whole prompt.
     backend.set_init(PromptInit("zeros", saved.prompt.shape[0]))
-    return saved, cfg, backend
+    return saved.prompt[None], cfg, backend
 
 
 def cmd_eval(args) -> int:
     from bbpt.scoring import evaluate
     from bbpt.session import load_task_for
 
-    saved, cfg, backend = _saved_task_and_backend(args)
+    prompt, cfg, backend = _saved_task_and_backend(args)
     task = load_task_for(cfg)
     examples = task.split(args.split)
     batch = backend.encode(examples, task.template, task.label_words)
-    m, tokens, secs = evaluate(backend, saved.prompt[None], batch, [e.label for e in examples], task.num_classes)
+    try:
+        m, tokens, secs = evaluate(backend, prompt, batch, [e.label for e in examples], task.num_classes)
+    finally:
+        backend.close()
     out = dict(prompt=args.prompt, task=task.name, split=args.split, examples=len(examples), **m,
-               tokens=tokens, seconds=round(secs, 2))
+               tokens=tokens, seconds=round(secs, 2), backend=cfg.backend)
     print(json.dumps(out) if args.json else
           f"{task.name} {args.split} ({len(examples)} examples): accuracy {m['accuracy']:.4f}, "
           f"macro-F1 {m['f1']:.4f}, loss {m['loss']:.4f} [{secs:.1f} s]")
@@ -98,19 +115,24 @@ def cmd_eval(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from bbpt.prompt import SavedPrompt
     from bbpt.tasks import Example, Template
 
-    saved, cfg, backend = _saved_task_and_backend(args)
-    meta = saved.meta
+    prompt, cfg, backend = _saved_task_and_backend(args)
+    meta = SavedPrompt.load(args.prompt).meta
     template = Template(meta["template"])
     examples = []
     for t in args.texts:
         first, sep, second = t.partition("|||")
         examples.append(Example(first.strip() if sep else t, 0, second.strip() if sep else None))
-    res = backend.score(saved.prompt[None], backend.encode(examples, template, meta["label_words"]))
+    try:
+        res = backend.score(prompt, backend.encode(examples, template, meta["label_words"]))
+    finally:
+        backend.close()
     probs = np.exp(res.logprobs[0] - np.logaddexp.reduce(res.logprobs[0], axis=-1, keepdims=True))
-    for text, p in zip(args.texts, probs):
-        label = meta["label_names"][int(p.argmax())]
+    answered = res.predicted[0] if res.predicted is not None else probs.argmax(-1)
+    for text, p, a in zip(args.texts, probs, answered):
+        label = meta["label_names"][int(a)] if a >= 0 else "(no label in the answer)"
         if args.json:
             print(json.dumps({"text": text, "label": label,
                               "probs": dict(zip(meta["label_names"], map(float, p)))}))
@@ -141,10 +163,29 @@ def cmd_studies(args) -> int:
         print(f"deleted study {args.name}")
         return 0
     ck = storage.last_checkpoint(row.id)
-    print(json.dumps(dict(name=row.name, state=row.state, bbpt_version=row.bbpt_version, model=row.model,
-                          created=str(row.created), progress=ck.loop_state if ck else None,
-                          summary=row.summary, config=row.config), indent=2))
+    best = _best_prompt_text(storage, row, ck)
+    if args.text:
+        if best is None:
+            raise ConfigError(f"study {row.name!r} tunes a soft prompt (embeddings), which has no text; export it "
+                              "with `bbpt export`")
+        print(best)
+        return 0
+    shown = dict(name=row.name, state=row.state)
+    if best is not None:            # a discrete prompt, ready to paste into any API
+        shown["best_prompt"] = best
+    shown.update(bbpt_version=row.bbpt_version, model=row.model, created=str(row.created),
+                 progress=ck.loop_state if ck else None, summary=row.summary, config=row.config)
+    print(json.dumps(shown, indent=2))
     return 0
+
+
+def _best_prompt_text(storage, row, ck) -> str | None:
+    """A discrete study's best prompt: the one selected on dev once complete, the best on train so far before."""
+    if (row.summary or {}).get("prompt_text") is not None:
+        return row.summary["prompt_text"]
+    best = ck.loop_state.get("best_trial") if ck else None
+    trial = storage.trial(row.id, best) if best is not None else None
+    return trial.metrics.get("prompt") if trial else None
 
 
 def cmd_trials(args) -> int:

@@ -11,7 +11,8 @@ from bbpt.errors import ConfigError
 CONFIG_VERSION = 1
 
 # Keys that may change between a run and its resume without changing which trials it produces.
-RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every"})
+RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every", "price_per_1k", "max_tokens_total"})
+SPACES = ("projected", "full", "discrete", "vocab")
 
 
 @dataclass
@@ -35,12 +36,21 @@ class StudyConfig:
     endpoint: str | None = None
     device: str = "auto"
     dtype: str = "float32"
+    # text-only APIs (--backend openai)
+    chat: bool = False                  # /v1/chat/completions instead of /v1/completions
+    logprobs: bool = True               # False: fitness is the accuracy of the generated answers
+    top_logprobs: int | None = None     # None: the largest the server accepts (probed)
+    price_per_1k: float | None = None   # money per 1,000 tokens, for the cost estimate
+    max_tokens_total: int | None = None # stop before a generation would spend more tokens than this
     # the prompt and its search space
     prompt_tokens: int = 10
     init: str = "task"
     space: str | None = None            # None: full for backprop, projected otherwise
     intrinsic_dim: int = 500
     alpha: float = 1.0
+    space_model: str | None = None      # discrete: whose tokenizer/embeddings (None: --model if local, else default)
+    vocab: str | None = None            # vocab: a file of candidate words (None: ranked from the training texts)
+    vocab_size: int = 50                # vocab: K candidates per position
     # the optimizer
     optimizer: str = "cma"
     budget: int = 300
@@ -73,10 +83,17 @@ class StudyConfig:
             (math.isfinite(self.sigma0) and self.sigma0 > 0, "sigma0", "a positive number"),
             (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),
             (self.eval_every >= 1, "eval_every", "at least 1 call"),
-            (self.space in ("full", "projected"), "space", "full or projected"),
+            (self.space in SPACES, "space", " or ".join(SPACES)),
             (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
-            (self.space == "projected" or self.optimizer == "backprop", "space",
-             "projected for derivative-free optimizers (full space has m×D dimensions; use --space projected)"),
+            (self.space != "full" or self.optimizer == "backprop", "space",
+             "projected, discrete or vocab for derivative-free optimizers (full space has m×D dimensions)"),
+            (self.space in ("full", "projected") or self.optimizer != "backprop", "space",
+             "full or projected for backprop (a discrete prompt has no gradient)"),
+            (self.vocab_size >= 2, "vocab_size", "at least 2 candidate words"),
+            (self.top_logprobs is None or self.top_logprobs >= 1, "top_logprobs", "at least 1"),
+            (self.price_per_1k is None or (math.isfinite(self.price_per_1k) and self.price_per_1k >= 0),
+             "price_per_1k", "a non-negative number"),
+            (self.max_tokens_total is None or self.max_tokens_total >= 1, "max_tokens_total", "at least 1"),
         ]
         for ok, key, need in checks:
             if not ok:

@@ -34,6 +34,10 @@ def study_prompt(storage: Storage, name: str, runs_dir: str | Path = "runs") -> 
     if row.state != "complete" or not row.summary:
         raise StudyError(f"study {name!r} is {row.state}, so no prompt has been selected on dev yet; finish it by "
                          "rerunning the same `bbpt optimize` command, then export")
+    if row.summary.get("prompt_text") is not None:
+        raise StudyError(f"study {name!r} tuned a discrete prompt, which is plain text: print it with `bbpt studies "
+                         f"show {name} --text` (also in {row.summary['prompt_path']}/prompt.txt); export is for "
+                         "soft prompts")
     places = list(dict.fromkeys([Path(row.summary["prompt_path"]), Path(runs_dir) / name]))
     for d in places:
         if (d / "prompt.safetensors").exists() and (d / "prompt.json").exists():

@@ -71,5 +71,9 @@ def macro_f1(pred: np.ndarray, labels, num_classes: int) -> float:
 
 def metrics(logprobs_one, labels, num_classes: int) -> dict[str, float]:
     """Accuracy and macro-F1 of one candidate's scores ``[n, C]``."""
-    pred = predictions(logprobs_one)
+    return prediction_metrics(predictions(logprobs_one), labels, num_classes)
+
+
+def prediction_metrics(pred, labels, num_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 of one candidate's predicted classes (-1, no answer, is wrong for every class)."""
     return {"accuracy": accuracy(pred, labels), "f1": macro_f1(pred, labels, num_classes)}

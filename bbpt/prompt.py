@@ -6,7 +6,8 @@ A *prompt space* turns an optimizer's vector z into an offset ΔP (m × D) added
 - ``ProjectedSpace``: ΔP = reshape(A z), A a fixed random [m·D, d] matrix drawn from a seed as Black-Box
   Tuning does (normal, std = α·std(E) / (√d·σ0)), regenerated from its seed and never stored.
 
-P0 itself lives with the backend (the weights may be remote), so spaces only ever produce offsets.
+P0 itself lives with the backend (the weights may be remote), so soft spaces only ever produce offsets.
+Discrete spaces (:mod:`bbpt.discrete`) decode z to :class:`TextPrompts` instead: text any API accepts.
 """
 
 from __future__ import annotations
@@ -48,8 +49,35 @@ class PromptInit:
         return f"text:{self.text}" if self.kind == "text" else self.kind
 
 
+@dataclass(frozen=True)
+class TextPrompts:
+    """A population of discrete prompts, as text: what discrete spaces decode to and text backends score.
+
+    ``ids`` are the token ids in the space's own tokenizer where it has one (``--space discrete``), kept for
+    the saved artifact; the backend only ever reads the text.
+    """
+
+    texts: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def unique(self) -> tuple["TextPrompts", np.ndarray]:
+        """The distinct prompts in first-seen order, and for each prompt the index of its distinct one."""
+        first: dict[str, int] = {}
+        idx: list[int] = []
+        for i, t in enumerate(self.texts):
+            if t not in first:
+                first[t] = len(idx)
+                idx.append(i)
+        ids = tuple(self.ids[i] for i in idx) if self.ids is not None else None
+        return TextPrompts(tuple(self.texts[i] for i in idx), ids), np.array([first[t] for t in self.texts])
+
+
 class PromptSpace(Protocol):
-    """Maps the optimizer's z (``dim`` numbers) to prompt offsets ΔP of shape (tokens, width)."""
+    """Maps the optimizer's z (``dim`` numbers) to prompt offsets ΔP of shape (tokens, width), or (discrete
+    spaces) to :class:`TextPrompts`."""
 
     dim: int
     shape: tuple[int, int]
@@ -121,22 +149,28 @@ def make_space(kind: str, *, tokens: int, width: int, intrinsic_dim: int, seed: 
     if kind == "projected":
         return ProjectedSpace(tokens, width, intrinsic_dim, seed=seed, embed_std=embed_std, sigma0=sigma0,
                               alpha=alpha)
-    raise ConfigError(f"unknown --space {kind!r}; choose projected (z through a random projection) or full (P)")
+    raise ConfigError(f"unknown --space {kind!r}; choose projected (z through a random projection), full (P), "
+                      "discrete (z snapped to tokens) or vocab (a word per position)")
 
 
 @dataclass
 class SavedPrompt:
-    """A tuned prompt on disk: ``prompt.safetensors`` (key ``prompt``: P, m × D) and ``prompt.json``."""
+    """A tuned prompt on disk: ``prompt.json`` with either ``prompt.safetensors`` (key ``prompt``: P, m × D; a
+    soft prompt) or ``prompt.txt`` (a discrete prompt, plain text to paste into any API)."""
 
-    prompt: np.ndarray
+    prompt: np.ndarray | None
     meta: dict
+    text: str | None = None
 
     def save(self, directory: str | Path) -> Path:
         from safetensors.numpy import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file({"prompt": np.ascontiguousarray(self.prompt, dtype=np.float32)}, str(d / "prompt.safetensors"))
+        if self.prompt is not None:
+            save_file({"prompt": np.ascontiguousarray(self.prompt, dtype=np.float32)}, str(d / "prompt.safetensors"))
+        if self.text is not None:
+            (d / "prompt.txt").write_text(self.text + "\n")
         (d / "prompt.json").write_text(json.dumps(self.meta, indent=2, default=_jsonable) + "\n")
         return d
 
@@ -145,11 +179,13 @@ class SavedPrompt:
         from safetensors.numpy import load_file
 
         d = Path(directory)
-        if not (d / "prompt.safetensors").exists() or not (d / "prompt.json").exists():
-            raise ConfigError(f"{str(d)!r} is not a saved prompt (needs prompt.safetensors and prompt.json); "
-                              "pass the directory that `bbpt optimize` printed")
-        return cls(prompt=load_file(str(d / "prompt.safetensors"))["prompt"],
-                   meta=json.loads((d / "prompt.json").read_text()))
+        soft, text = d / "prompt.safetensors", d / "prompt.txt"
+        if not (soft.exists() or text.exists()) or not (d / "prompt.json").exists():
+            raise ConfigError(f"{str(d)!r} is not a saved prompt (needs prompt.json and prompt.safetensors or "
+                              "prompt.txt); pass the directory that `bbpt optimize` printed")
+        return cls(prompt=load_file(str(soft))["prompt"] if soft.exists() else None,
+                   meta=json.loads((d / "prompt.json").read_text()),
+                   text=text.read_text().removesuffix("\n") if text.exists() and not soft.exists() else None)
 
 
 def _jsonable(o):

@@ -7,11 +7,12 @@ every candidate is one *call* (one forward over the batch); for backprop the bac
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from bbpt import objective
+from bbpt.prompt import TextPrompts
 
 
 @dataclass
@@ -24,15 +25,45 @@ class Scored:
     backward_seconds: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    predictions: np.ndarray | None = None     # [pop, n] predicted class, -1 where an answer had none
+    texts: tuple[str, ...] | None = None      # discrete prompts: each candidate's text
+    per_prompt: list[dict] | None = None      # the backend's accounting per candidate
+
+
+def score_prompts(backend, prompts, batch):
+    """``backend.score``, except that a population of text prompts is scored once per distinct text (discrete
+    spaces map many z to one text): repeats get the first one's scores. A backend with a request cache
+    (``use_cache``) already sends each distinct request once and accounts repeats as cached, so it gets the
+    population as it is."""
+    if not isinstance(prompts, TextPrompts) or hasattr(backend, "use_cache"):
+        return backend.score(prompts, batch)
+    distinct, inverse = prompts.unique()
+    if len(distinct) == len(prompts):
+        return backend.score(prompts, batch)
+    res = backend.score(distinct, batch)
+    return replace(res, logprobs=res.logprobs[inverse], per_prompt=None,
+                   predicted=None if res.predicted is None else res.predicted[inverse])
+
+
+def _fitness(res, labels, loss: str) -> tuple[np.ndarray, np.ndarray]:
+    """Losses and predictions of a scored population. Answers without scores (``predicted``) can only be right
+    or wrong, so their loss is the error rate whatever ``loss`` says."""
+    if res.predicted is not None:
+        pred = np.asarray(res.predicted)
+        return 1.0 - (pred == np.asarray(labels)[None]).mean(-1), pred
+    return objective.loss(res.logprobs, labels, loss), objective.predictions(res.logprobs)
 
 
 def score_population(backend, space, zs: np.ndarray, batch, labels, loss: str, need_grad: bool) -> Scored:
     start = time.perf_counter()
     if not need_grad:
-        res = backend.score(space.decode(zs), batch)
-        return Scored(losses=objective.loss(res.logprobs, labels, loss), logprobs=res.logprobs, grads=None,
-                      tokens=res.tokens, seconds=time.perf_counter() - start, bytes_sent=res.bytes_sent,
-                      bytes_received=res.bytes_received)
+        prompts = space.decode(zs)
+        res = score_prompts(backend, prompts, batch)
+        losses, pred = _fitness(res, labels, loss)
+        return Scored(losses=losses, logprobs=res.logprobs, grads=None, tokens=res.tokens,
+                      seconds=time.perf_counter() - start, bytes_sent=res.bytes_sent,
+                      bytes_received=res.bytes_received, predictions=pred,
+                      texts=prompts.texts if isinstance(prompts, TextPrompts) else None, per_prompt=res.per_prompt)
     import torch
 
     z = torch.tensor(np.asarray(zs), dtype=torch.float32, requires_grad=True)
@@ -41,15 +72,17 @@ def score_population(backend, space, zs: np.ndarray, batch, labels, loss: str, n
     forward_done = time.perf_counter()
     losses.sum().backward()
     end = time.perf_counter()
-    return Scored(losses=losses.detach().cpu().numpy().astype(np.float64),
-                  logprobs=lp.detach().float().cpu().numpy(), grads=z.grad.numpy().astype(np.float64),
-                  tokens=tokens, seconds=end - start, backward_seconds=end - forward_done)
+    logprobs = lp.detach().float().cpu().numpy()
+    return Scored(losses=losses.detach().cpu().numpy().astype(np.float64), logprobs=logprobs,
+                  grads=z.grad.numpy().astype(np.float64), tokens=tokens, seconds=end - start,
+                  backward_seconds=end - forward_done, predictions=objective.predictions(logprobs))
 
 
-def evaluate(backend, deltas: np.ndarray | None, batch, labels, num_classes: int) -> tuple[dict, int, float]:
-    """Metrics of one prompt (or of no prompt, ``deltas=None``) on an encoded split."""
+def evaluate(backend, prompts, batch, labels, num_classes: int) -> tuple[dict, int, float]:
+    """Metrics of one prompt (offsets ΔP or a TextPrompts; None for no prompt) on an encoded split."""
     start = time.perf_counter()
-    res = backend.score(deltas, batch)
-    m = objective.metrics(res.logprobs[0], labels, num_classes)
-    m["loss"] = float(objective.loss(res.logprobs[:1], labels)[0])
+    res = score_prompts(backend, prompts, batch)
+    losses, pred = _fitness(res, labels, "ce")
+    m = objective.prediction_metrics(pred[0], labels, num_classes)
+    m["loss"] = float(losses[0])
     return m, res.tokens, time.perf_counter() - start

@@ -17,12 +17,15 @@ import numpy as np
 import bbpt
 from bbpt.config import StudyConfig
 from bbpt.errors import ConfigError, StudyError
-from bbpt.prompt import PromptInit, SavedPrompt
+from bbpt.prompt import PromptInit, SavedPrompt, TextPrompts, make_space
 from bbpt.scoring import evaluate
 from bbpt.storage import Storage
 from bbpt.tasks import Task, load_task
 
 log = logging.getLogger(__name__)
+
+# Per-trial accounting keys a backend may report; the study's summary adds them up.
+SUMMED = ("requests", "cached", "prompt_tokens", "completion_tokens", "missing_labels", "unparsed")
 
 
 def resolve_init(cfg: StudyConfig, task: Task) -> PromptInit:
@@ -47,7 +50,25 @@ def open_backend(cfg: StudyConfig, api_key: str | None = None):
     from adapters import make_backend
 
     return make_backend(cfg.backend, model=cfg.model, device=cfg.device, dtype=cfg.dtype,
-                        endpoint=cfg.endpoint, api_key=api_key)
+                        endpoint=cfg.endpoint, api_key=api_key, chat=cfg.chat, logprobs=cfg.logprobs,
+                        top_logprobs=cfg.top_logprobs)
+
+
+def make_prompt_space(cfg: StudyConfig, task: Task, init: PromptInit, info):
+    """The search space: soft (offsets ΔP for the backend's P0) or discrete (text), checked against what the
+    backend can score, so a text-only API asked for a soft prompt fails here, before anything is stored."""
+    from bbpt.discrete import TEXT_SPACES, make_text_space
+
+    kind = "text" if cfg.space in TEXT_SPACES else "soft"
+    if kind not in info.prompt_kinds:
+        fix = ("--space discrete (tokens near P0 + A z) or --space vocab (a word per position)" if kind == "soft"
+               else "--space projected")
+        raise ConfigError(f"backend {cfg.backend!r} ({info.name}) scores {' and '.join(info.prompt_kinds)} prompts "
+                          f"only, and --space {cfg.space} makes {kind} prompts; use {fix}")
+    if kind == "text":
+        return make_text_space(cfg, task, init)
+    return make_space(cfg.space, tokens=cfg.prompt_tokens, width=info.hidden_size, intrinsic_dim=cfg.intrinsic_dim,
+                      seed=cfg.seed, embed_std=info.embed_std, sigma0=cfg.sigma0, alpha=cfg.alpha)
 
 
 class Session:
@@ -75,6 +96,7 @@ class Session:
             raise ConfigError(f"--optimizer backprop needs local weights, but backend {cfg.backend!r} only returns "
                               "scores; use a derivative-free optimizer (cma, nevergrad:NGOpt) or --backend local")
         self.init = resolve_init(cfg, self.task)
+        self.space = make_prompt_space(cfg, self.task, self.init, self.info)
         self.backend.set_init(self.init)
         encode = lambda split: self.backend.encode(self.task.split(split), self.task.template, self.task.label_words)
         self.train, self.dev = encode("train"), encode("dev")
@@ -87,6 +109,8 @@ class Session:
         else:   # a resume may change what does not affect results (a larger budget): store what now applies
             storage.update_study(self.name, state="running", config=cfg.to_dict())
         self.study_id = existing.id
+        if hasattr(self.backend, "use_cache"):      # paid requests: never send the same one twice in a study
+            self.backend.use_cache(storage.request_cache(self.study_id))
 
     def trial_z(self, number: int) -> np.ndarray:
         row = self.storage.trial(self.study_id, number)
@@ -115,7 +139,7 @@ class Session:
             evals.append(dict(trial_number=-1, split="train", metrics=m, tokens=tokens, note="initial prompt P0"))
         sel = loop.dev_best_trial
         z = self.trial_z(sel)
-        delta = space.decode(z[None])
+        delta = space.decode(z[None])      # ΔP, or the prompt's text
         if (sel, "test") not in done:
             m, tokens, secs = evaluate(self.backend, delta, self._encode_test(), y_test, self.task.num_classes)
             evals.append(dict(trial_number=sel, split="test", metrics=m, tokens=tokens, calls_at=loop.calls,
@@ -129,8 +153,11 @@ class Session:
             selected_trial=sel,
             baseline_dev=by[(None, "dev")][self.metric], baseline_test=by[(None, "test")][self.metric],
             dev=by[(sel, "dev")][self.metric], test=by[(sel, "test")][self.metric],
-            prompt_path=str(self._save_prompt(space, z, delta[0], by[(sel, "dev")], by[(sel, "test")])),
+            prompt_path=str(self._save_prompt(space, z, delta, by[(sel, "dev")], by[(sel, "test")])),
             storage=store.url)
+        if isinstance(delta, TextPrompts):
+            summary["prompt_text"] = delta.texts[0]
+        summary.update(self._spending(loop))
         store.update_study(self.name, state="complete", summary=summary)
         return summary
 
@@ -139,8 +166,29 @@ class Session:
             self._test = self.backend.encode(self.task.test, self.task.template, self.task.label_words)
         return self._test
 
+    def _spending(self, loop) -> dict:
+        """What the whole study cost: every token counted (search, dev checks, final evaluations), the money
+        estimate, why it stopped, and the sums of the backend's per-trial accounting (requests, cache hits,
+        labels outside the top-k)."""
+        cfg, store, sid = self.config, self.storage, self.study_id
+        total = loop.tokens + sum(e.tokens for e in store.evaluations(sid))
+        out: dict = dict(tokens_total=total, stopped=loop.stopped or "budget")
+        if cfg.price_per_1k is not None:
+            out["cost"] = round(total / 1000 * cfg.price_per_1k, 6)
+        sums: dict[str, float] = {}
+        for t in store.trials(sid):
+            for k in SUMMED:
+                if k in t.metrics:
+                    sums[k] = sums.get(k, 0) + t.metrics[k]
+        if sums:
+            out["search"] = sums
+        return out
+
     def _save_prompt(self, space, z, delta, dev, test) -> Path:
         cfg = self.config
+        if isinstance(delta, TextPrompts):
+            return self._save_text_prompt(space, z, delta, dev, test)
+        delta = delta[0]
         matrix = self.backend.prompt_matrix(delta) if hasattr(self.backend, "prompt_matrix") else delta
         meta = dict(
             bbpt_version=bbpt.__version__, study=self.name, model=cfg.model, task=self.task.name,
@@ -151,3 +199,16 @@ class Session:
             alpha=cfg.alpha, embedding="input embeddings, joined where the template's {prompt} is (prefix if absent)",
             z=z.tolist() if cfg.space == "projected" else None, dev=dev, test=test, config=cfg.to_dict())
         return SavedPrompt(np.asarray(matrix, np.float32), meta).save(self.runs_dir / self.name)
+
+    def _save_text_prompt(self, space, z, prompt: TextPrompts, dev, test) -> Path:
+        cfg = self.config
+        meta = dict(
+            bbpt_version=bbpt.__version__, study=self.name, model=cfg.model, backend=cfg.backend, task=self.task.name,
+            template=self.task.template.source, label_words=self.task.label_words,
+            label_names=self.task.label_names, prompt_text=prompt.texts[0],
+            token_ids=list(prompt.ids[0]) if prompt.ids else None, tokens=cfg.prompt_tokens,
+            placement="where the template's {prompt} is, else first on a line of its own (chat: the system message)",
+            init=self.init.spec(), space=cfg.space, projection_seed=cfg.seed, intrinsic_dim=cfg.intrinsic_dim,
+            sigma0=cfg.sigma0, alpha=cfg.alpha, z=z.tolist(), **space.describe(), dev=dev, test=test,
+            config=cfg.to_dict())
+        return SavedPrompt(None, meta, text=prompt.texts[0]).save(self.runs_dir / self.name)

@@ -14,7 +14,6 @@ import numpy as np
 
 from bbpt.config import StudyConfig
 from bbpt.optimizers import OptimizerSettings, make_optimizer
-from bbpt.prompt import make_space
 from bbpt.scoring import evaluate, score_population
 from bbpt.session import Session
 
@@ -36,14 +35,15 @@ class LoopState:
     dev_best_trial: int | None = None
     dev_best: float = -1.0
     dev_last: float | None = None
+    eval_tokens: int = 0                 # spent on dev checks during the search
+    gen_tokens_max: int = 0              # the costliest generation so far: the estimate for the next one
+    stopped: str = ""                    # why the search ended early ("" when the budget was spent)
 
 
 def run(sess: Session, progress: bool = True) -> dict:
     """Run (or resume) the study until its budget is spent, then select on dev and score test once."""
     cfg, store, sid = sess.config, sess.storage, sess.study_id
-    space = make_space(cfg.space, tokens=cfg.prompt_tokens, width=sess.info.hidden_size,
-                       intrinsic_dim=cfg.intrinsic_dim, seed=cfg.seed, embed_std=sess.info.embed_std,
-                       sigma0=cfg.sigma0, alpha=cfg.alpha)
+    space = sess.space
     opt = make_optimizer(cfg.optimizer, OptimizerSettings(
         dim=space.dim, x0=space.initial(), seed=cfg.seed, budget=cfg.budget, popsize=cfg.popsize,
         sigma0=cfg.sigma0, lr=cfg.lr, diagonal=cfg.diagonal, bound=cfg.bound))
@@ -56,16 +56,28 @@ def run(sess: Session, progress: bool = True) -> dict:
     best_z = sess.trial_z(loop.best_trial) if loop.best_trial is not None else None
     bar = sess.progress_bar(total=cfg.budget, initial=loop.calls, enabled=progress)
     while loop.calls + per_gen <= cfg.budget and not opt.stop():
+        if cfg.max_tokens_total and loop.tokens + loop.eval_tokens + loop.gen_tokens_max > cfg.max_tokens_total:
+            loop.stopped = "max_tokens_total"
+            log.warning("stopping at call %d: another generation (up to %d tokens) would take the %d tokens spent "
+                        "past --max-tokens-total %d", loop.calls, loop.gen_tokens_max,
+                        loop.tokens + loop.eval_tokens, cfg.max_tokens_total)
+            break
         zs = opt.ask()
         got = score_population(sess.backend, space, zs, sess.train, sess.y_train, cfg.loss, opt.needs_gradient)
         opt.tell(zs, got.losses, got.grads)
         trials = []
         for i, (z, lo) in enumerate(zip(zs, got.losses)):
-            metrics = {"accuracy": float((got.logprobs[i].argmax(-1) == sess.y_train).mean())}
+            metrics = {"accuracy": float((got.predictions[i] == sess.y_train).mean())}
             if got.bytes_sent or got.bytes_received:     # remote backends: each candidate's share of the traffic
                 metrics.update(bytes_sent=got.bytes_sent // len(zs), bytes_received=got.bytes_received // len(zs))
+            if got.texts is not None:
+                metrics["prompt"] = got.texts[i]
+            metrics.update(got.per_prompt[i] if got.per_prompt else {})
+            tokens = metrics.pop("tokens", got.tokens // len(zs))
+            if cfg.price_per_1k is not None:
+                metrics["cost"] = tokens / 1000 * cfg.price_per_1k
             trials.append(dict(number=loop.trials, generation=loop.generation, z=np.asarray(z, "<f4").tobytes(),
-                               loss=float(lo), metrics=metrics, calls=1, tokens=got.tokens // len(zs),
+                               loss=float(lo), metrics=metrics, calls=1, tokens=tokens,
                                seconds=got.seconds / len(zs), backward_seconds=got.backward_seconds / len(zs),
                                state="complete"))
             if lo < loop.best_loss:
@@ -74,6 +86,7 @@ def run(sess: Session, progress: bool = True) -> dict:
             loop.trials += 1
         loop.calls += len(zs)
         loop.tokens += got.tokens
+        loop.gen_tokens_max = max(loop.gen_tokens_max, got.tokens)
         loop.seconds += got.seconds
         evals = []
         due = loop.calls // cfg.eval_every > (loop.calls - len(zs)) // cfg.eval_every
@@ -95,6 +108,7 @@ def run(sess: Session, progress: bool = True) -> dict:
 def _dev_eval(sess: Session, space, loop: LoopState, z: np.ndarray) -> dict:
     m, tokens, secs = evaluate(sess.backend, space.decode(z[None]), sess.dev, sess.y_dev, sess.task.num_classes)
     score = m[sess.metric]
+    loop.eval_tokens += tokens
     loop.evaluated.append(loop.best_trial)
     loop.dev_last = score
     # Ties go to the earlier (already selected) trial: a later one must be strictly better on dev.

@@ -80,16 +80,22 @@ class FaultProxy:
     Each spoiled request gets one of: a 500, a 429 with Retry-After, a delay past the client's timeout (the
     request never reaches the server), or a connection reset. The rest are forwarded untouched. One request
     per connection (the proxy asks the server to close), which keeps the parsing to a Content-Length body.
+    ``script`` spoils the first requests in a fixed order instead (None: forward, a kind, or any HTTP status), and
+    ``bodies`` holds every forwarded request body, so tests can count what reached the server.
     """
 
     KINDS = ("500", "429", "delay", "reset")
 
-    def __init__(self, upstream_port: int, rate: float = 0.2, seed: int = 0, delay: float = 3.0):
+    def __init__(self, upstream_port: int, rate: float = 0.2, seed: int = 0, delay: float = 3.0,
+                 script: list[str | None] | None = None, retry_after: float = 0):
         self.upstream_port, self.rate, self.delay = upstream_port, rate, delay
         self.rng = random.Random(seed)
         self.port = free_port()
         self.faults: Counter = Counter()
         self.forwarded = 0
+        self.bodies: list[bytes] = []
+        self.script = list(script or [])
+        self.retry_after = retry_after
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
 
@@ -116,12 +122,17 @@ class FaultProxy:
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return
-        kind = self.rng.choice(self.KINDS) if self.rng.random() < self.rate else None
+        if self.script:
+            kind = self.script.pop(0)
+        else:
+            kind = self.rng.choice(self.KINDS) if self.rng.random() < self.rate else None
         if kind:
             self.faults[kind] += 1
-        if kind in ("500", "429"):
+        if kind and kind.isdigit():         # an HTTP error status: "500", "429" (with Retry-After), "401", ...
             msg = b'{"error": {"message": "injected fault"}}'
-            status = b"500 Internal Server Error" if kind == "500" else b"429 Too Many Requests\r\nRetry-After: 0"
+            status = kind.encode() + b" Injected Fault"
+            if kind == "429":
+                status += b"\r\nRetry-After: " + str(self.retry_after).encode()
             writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
                          + str(len(msg)).encode() + b"\r\nConnection: close\r\n\r\n" + msg)
         elif kind == "reset":
@@ -139,6 +150,7 @@ class FaultProxy:
             writer.write(await up_r.read())
             up_w.close()
             self.forwarded += 1
+            self.bodies.append(body)
         try:
             await writer.drain()
         except ConnectionError:

@@ -18,10 +18,11 @@ from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bbpt.errors import StorageError, StudyError
-from bbpt.storage.models import (SCHEMA_VERSION, Base, CheckpointRow, EvaluationRow, SchemaVersion, StudyRow,
-                                 TrialRow)
+from bbpt.storage.models import (SCHEMA_VERSION, Base, CheckpointRow, EvaluationRow, RequestCacheRow, SchemaVersion,
+                                 StudyRow, TrialRow)
 
-__all__ = ["DEFAULT_URL", "Storage", "CheckpointRow", "EvaluationRow", "StudyRow", "TrialRow", "default_url"]
+__all__ = ["DEFAULT_URL", "Storage", "CheckpointRow", "EvaluationRow", "RequestCache", "RequestCacheRow", "StudyRow",
+           "TrialRow", "default_url"]
 
 DEFAULT_URL = "sqlite:///bbpt.db"
 
@@ -168,7 +169,10 @@ class Storage:
     def delete_study(self, name: str) -> None:
         row = self.require_study(name)
         with self._write() as s:
-            for table in (TrialRow, CheckpointRow, EvaluationRow):
+            tables = [TrialRow, CheckpointRow, EvaluationRow]
+            if inspect(s.connection()).has_table(RequestCacheRow.__tablename__):   # absent in older databases
+                tables.append(RequestCacheRow)
+            for table in tables:
                 s.execute(delete(table).where(table.study_id == row.id))
             s.execute(delete(StudyRow).where(StudyRow.id == row.id))
 
@@ -202,7 +206,37 @@ class Storage:
         with self.session() as s:
             return s.scalar(select(TrialRow).where(TrialRow.study_id == study_id, TrialRow.number == number))
 
+    def request_cache(self, study_id: int) -> "RequestCache":
+        return RequestCache(self, study_id)
+
     def evaluations(self, study_id: int) -> list[EvaluationRow]:
         with self.session() as s:
             return list(s.scalars(select(EvaluationRow).where(EvaluationRow.study_id == study_id)
                                   .order_by(EvaluationRow.id)))
+
+
+class RequestCache:
+    """One study's cached API answers, by request hash. Written as answers arrive (not with the generation),
+    so even the answers of a generation cut short by a crash are not paid for twice."""
+
+    CHUNK = 500         # keys per SELECT: well under every database's limit on bound parameters
+
+    def __init__(self, storage: Storage, study_id: int):
+        self.storage, self.study_id = storage, study_id
+
+    def get_many(self, keys: list[str]) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        with self.storage.session() as s:
+            for i in range(0, len(keys), self.CHUNK):
+                rows = s.execute(select(RequestCacheRow.key, RequestCacheRow.answer).where(
+                    RequestCacheRow.study_id == self.study_id, RequestCacheRow.key.in_(keys[i:i + self.CHUNK])))
+                out.update((k, a) for k, a in rows)
+        return out
+
+    def put_many(self, answers: dict[str, dict]) -> None:
+        if not answers:
+            return
+        have = self.get_many(list(answers))
+        with self.storage._write() as s:
+            s.add_all(RequestCacheRow(study_id=self.study_id, key=k, answer=a) for k, a in answers.items()
+                      if k not in have)

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 tables: studies, trials, checkpoints, evaluations, schema_version."""
+"""SQLAlchemy 2 tables: studies, trials, checkpoints, evaluations, request_cache, schema_version."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from datetime import datetime, timezone
 from sqlalchemy import JSON, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, DateTime
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# Adding a table is not a schema change: create_all adds it to an older database when it is opened for
+# writing, and an older bbpt never reads it. Bump only when an existing table changes.
 SCHEMA_VERSION = 1
 
 
@@ -37,6 +39,7 @@ class StudyRow(Base):
     trials: Mapped[list["TrialRow"]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     checkpoints: Mapped[list["CheckpointRow"]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
     evaluations: Mapped[list["EvaluationRow"]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
+    requests: Mapped[list["RequestCacheRow"]] = relationship(cascade="all, delete-orphan", passive_deletes=True)
 
 
 class TrialRow(Base):
@@ -79,3 +82,16 @@ class EvaluationRow(Base):
     seconds_at: Mapped[float] = mapped_column(Float, default=0.0)
     tokens: Mapped[int] = mapped_column(Integer, default=0)
     note: Mapped[str] = mapped_column(Text, default="")
+
+
+class RequestCacheRow(Base):
+    """An API's answer to one request of a study, by a hash of the request: what a resumed (or repeated)
+    study reads instead of paying for the same request again."""
+
+    __tablename__ = "request_cache"
+    __table_args__ = (UniqueConstraint("study_id", "key"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    key: Mapped[str] = mapped_column(String(64))            # sha256 of the canonical request
+    answer: Mapped[dict] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from bbpt.errors import ConfigError
 
 SLOTS = ("text", "text_pair", "prompt")
+PROMPT_SEPARATOR = "\n"
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,22 @@ class Template:
         """The whole text with a discrete prompt (or nothing) in the prompt's place."""
         before, after = self.render(ex)
         return before + prompt_text + after
+
+    def render_text_prompt(self, ex: Example, prompt_text: str | None) -> str:
+        """The text an API sees for a discrete prompt: where ``{prompt}`` says (spacing is the template's), or
+        without it, leading on a line of its own (a soft prompt needs no separator; words do)."""
+        if not prompt_text:
+            return self.render_plain(ex)
+        if "{prompt}" in self.source:
+            return self.render_plain(ex, prompt_text)
+        return prompt_text + PROMPT_SEPARATOR + self.render_plain(ex)
+
+    def chat_parts(self, ex: Example, prompt_text: str | None) -> tuple[str | None, str]:
+        """(system message, user message) for chat APIs: without ``{prompt}`` a discrete prompt is the system
+        message; with it, it sits in the user message where marked."""
+        if prompt_text and "{prompt}" not in self.source:
+            return prompt_text, self.render_plain(ex)
+        return None, self.render_plain(ex, prompt_text or "")
 
 
 @dataclass
