@@ -1,20 +1,40 @@
 """Local backend: a transformers causal LM on CPU or CUDA, with gradients for backprop.
 
-The prompt enters through ``inputs_embeds`` (no model code is forked or patched), so any causal LM that
-transformers loads works. A population is scored in batched forwards: (candidate, example) sequences are
-sorted by length and cut into chunks under a token budget so padding stays small (2,048 tokens per forward measured fastest on 2 CPU cores: 2.5 s per candidate vs 4.7 s at 8,192); sequences are left-padded
-with explicit position ids so every score equals the unpadded one-example reference, and only the last
-position's logits are computed (``logits_to_keep=1``), not the full vocabulary at every position.
+The prompt enters through ``inputs_embeds`` and reused keys/values through ``past_key_values`` (no model
+code is forked or patched), so any causal LM that transformers loads works. Every score equals the unpadded
+one-example reference: sequences are left-padded with explicit position ids, and only the last position
+reaches the LM head (``logits_to_keep=1``). The head still spans the whole vocabulary there, because a label
+word's log-prob needs the softmax's normaliser; at one position per sequence that is about 1.5 % of a call
+on SmolLM2. A population is scored in as few forwards as a token budget allows: (candidate, example) pairs
+sorted by length and cut where the least padding results (:func:`plan_chunks`; 2,048 tokens per forward
+measured fastest on 2 CPU cores: 2.5 s per candidate vs 4.7 s at 8,192).
+
+Black-box scoring (``score``) skips work whose result cannot have changed, by where the template puts the
+prompt (``benchmarks/scoring.py`` measures each step):
+
+- **prefix** (every example has the same text before the prompt, often none): that text's keys/values are
+  computed once per batch, the prompt's once per candidate, and each example then runs only its own tokens
+  against them (m tokens fewer per example);
+- **infix** (``{text}`` … ``{prompt}`` cue): each example's text before the prompt is encoded once and its
+  keys/values kept with the batch, so a call computes only the prompt and the tokens after it. Kept caches
+  are bounded by ``kv_cache_mb`` over all batches (least recently used dropped first); a batch too large
+  for it, such as a full test set scored once, is scored uncached.
+
+The differentiable path (``logprobs_torch``) always recomputes whole sequences: it is the reference the
+cached paths are tested against, and backprop needs the graph through every token anyway.
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from adapters._base import ModelInfo, ScoreResult
+from adapters._kv import KV, forward_last, reuse_works
 from adapters.default_model import resolve_model
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit, TextPrompts
@@ -26,7 +46,7 @@ log = logging.getLogger(__name__)
 VOCAB_INIT_RANGE = 5000
 
 
-@dataclass
+@dataclass(eq=False)      # compared by identity: the backend keys its cache bookkeeping on the object
 class EncodedBatch:
     """Token ids of each example's text before and after the prompt, and the label words' first tokens."""
 
@@ -34,12 +54,18 @@ class EncodedBatch:
     after: list[list[int]]
     label_ids: list[int]
     embeds: list = None          # per example: (before embeds, after embeds), filled lazily
+    kv: KV | None = None         # keys/values of the text before the prompt, kept by the backend's budget
     examples: list = None        # the examples and template themselves, for discrete (text) prompts
     template: Template = None
 
     @property
     def n(self) -> int:
         return len(self.after)
+
+    @property
+    def shared_head(self) -> bool:
+        """The same tokens precede the prompt in every example (the prefix placement)."""
+        return all(b == self.before[0] for b in self.before)
 
 
 def _pick_device(device: str) -> str:
@@ -53,10 +79,15 @@ def _pick_device(device: str) -> str:
 
 
 class HFBackend:
-    """A Hugging Face causal LM on this machine. ``model`` is a bbpt model name, a directory or a hub id."""
+    """A Hugging Face causal LM on this machine. ``model`` is a bbpt model name, a directory or a hub id.
+
+    ``reuse_kv=False`` scores every call by whole-sequence forwards (the reference path); ``kv_cache_mb``
+    bounds the keys/values kept across calls; ``compile`` wraps the forward in ``torch.compile`` on CUDA only.
+    """
 
     def __init__(self, model: str = "smollm2-135m", *, device: str = "auto", dtype: str = "float32",
-                 max_batch_tokens: int = 2048, model_obj=None, tokenizer=None):
+                 max_batch_tokens: int = 2048, model_obj=None, tokenizer=None, reuse_kv: bool = True,
+                 kv_cache_mb: float = 1024.0, compile: bool = False):
         import torch
 
         self.torch = torch
@@ -66,6 +97,9 @@ class HFBackend:
             self.dtype = getattr(torch, dtype)
         except AttributeError:
             raise ConfigError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16") from None
+        if self.dtype != torch.float32 and self.device == "cpu":
+            # Half precision only pays on GPUs; on CPU it is slower than float32 and its scores are rounder.
+            log.warning("--dtype %s on CPU is slower and less exact than float32; use it on CUDA", dtype)
         if model_obj is None:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,8 +113,25 @@ class HFBackend:
         self.tokenizer = tokenizer
         self.model = model_obj.to(device=self.device, dtype=self.dtype).eval()
         self.model.requires_grad_(False)
+        if compile and self.device.startswith("cuda"):
+            # Shapes change with every chunk, hence dynamic; on CPU compiling costs minutes and gains little.
+            self.model.forward = torch.compile(self.model.forward, dynamic=True)
+        elif compile:
+            log.warning("torch.compile is only used on CUDA; scoring on %s uncompiled", self.device)
         self.embedding = self.model.get_input_embeddings()
+        head = getattr(self.model, "get_output_embeddings", lambda: None)()
+        if head is not None:
+            # ``logits_to_keep=1`` hands the LM head a strided [B, 1, D] slice, which torch multiplies as B
+            # separate vector-matrix products, reading the whole [V, D] matrix B times (9 % of a call measured
+            # on SmolLM2). A contiguous copy of B rows makes it one matrix product; the values are the same.
+            head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
         self.max_batch_tokens = max_batch_tokens
+        self.reuse_kv = reuse_kv
+        self.kv_cache_bytes = int(kv_cache_mb * 2**20)
+        self._kv_checked: str | None = None     # why keys/values cannot be reused ("" when they can)
+        self._kv_token_bytes = 0
+        self._kv_kept: OrderedDict = OrderedDict()   # id(batch) -> (weakref to it, bytes), oldest use first
+        self.stats = {"forwards": 0, "computed_tokens": 0, "padded_tokens": 0}   # what really ran (benchmarks)
         self.p0 = None
         self._info = ModelInfo(
             name=model, hidden_size=int(self.embedding.weight.shape[1]),
@@ -130,19 +181,25 @@ class HFBackend:
         with torch.inference_mode():
             if isinstance(deltas, TextPrompts):
                 lp, tokens = self._text_logprobs(deltas.texts, batch)
-            else:
-                d = None if deltas is None else torch.as_tensor(np.asarray(deltas), device=self.device,
-                                                                dtype=self.dtype)
-                lp, tokens = self._logprobs(d, batch)
-        return ScoreResult(logprobs=lp.float().cpu().numpy(), tokens=tokens)
+                return ScoreResult(logprobs=lp.float().cpu().numpy(), tokens=tokens)
+            d = None if deltas is None else torch.as_tensor(np.asarray(deltas), device=self.device, dtype=self.dtype)
+            prompts = self._prompts(d)
+            lp = self._cached_logprobs(prompts, batch) if self._reuse_ok(prompts) else None
+            if lp is None:
+                lp = self._logprobs_uncached(prompts, batch)
+        return ScoreResult(logprobs=lp.float().cpu().numpy(), tokens=self._tokens(prompts, batch))
 
     def close(self) -> None:
-        pass
+        for ref, _ in self._kv_kept.values():
+            if ref() is not None:
+                ref().kv = None
+        self._kv_kept.clear()
 
     # -- white-box extras -----------------------------------------------------------------------------------
     def logprobs_torch(self, deltas, batch: EncodedBatch):
         """Differentiable ``[pop, n, C]`` label log-probs and the tokens processed."""
-        return self._logprobs(deltas.to(device=self.device, dtype=self.dtype), batch)
+        prompts = self._prompts(deltas.to(device=self.device, dtype=self.dtype))
+        return self._logprobs_uncached(prompts, batch), self._tokens(prompts, batch)
 
     def prompt_matrix(self, delta: np.ndarray) -> np.ndarray:
         if self.p0 is None:
@@ -150,32 +207,54 @@ class HFBackend:
         return (self.p0.float().cpu().numpy() + np.asarray(delta, dtype=np.float32)).astype(np.float32)
 
     # -- internals ------------------------------------------------------------------------------------------
+    def _prompts(self, deltas):
+        """P0 + ΔP as ``[pop, m, D]``, or None for scoring without a prompt."""
+        if deltas is None:
+            return None
+        if self.p0 is None:
+            raise ConfigError("no initial prompt set; call set_init first")
+        if deltas.dim() != 3 or tuple(deltas.shape[1:]) != tuple(self.p0.shape):
+            raise ConfigError(f"prompt offsets have shape {tuple(deltas.shape)}, expected "
+                              f"(pop, {self.p0.shape[0]}, {self.p0.shape[1]})")
+        return self.p0.unsqueeze(0) + deltas
+
+    @staticmethod
+    def _tokens(prompts, batch: EncodedBatch) -> int:
+        # The tokens of the sequences scored, whichever of them were recomputed: the same count a remote
+        # backend bills, so calls compare across backends and placements (``stats`` has what really ran).
+        m = 0 if prompts is None else prompts.shape[1]
+        pop = 1 if prompts is None else prompts.shape[0]
+        return sum(len(b) + m + len(a) for b, a in zip(batch.before, batch.after)) * pop
+
     def _example_embeds(self, batch: EncodedBatch):
         torch = self.torch
         if batch.embeds is None:
-            with torch.no_grad():
+            # Outside inference mode, so the backprop path may also use these tensors.
+            with torch.inference_mode(False), torch.no_grad():
                 batch.embeds = [
                     (self.embedding(torch.tensor(b, dtype=torch.long, device=self.device)),
                      self.embedding(torch.tensor(a, dtype=torch.long, device=self.device)))
                     for b, a in zip(batch.before, batch.after)]
         return batch.embeds
 
-    def _logprobs(self, deltas, batch: EncodedBatch):
+    def _forward(self, seqs, past: KV | None = None, keep: bool = False):
+        self.stats["forwards"] += 1
+        self.stats["computed_tokens"] += sum(int(s.shape[0]) for s in seqs)
+        self.stats["padded_tokens"] += len(seqs) * max(int(s.shape[0]) for s in seqs)
+        return forward_last(self.model, seqs, past, keep)
+
+    def _chunks(self, new_lens: list[int], past_lens: list[int] | None = None):
+        return plan_chunks(new_lens, self.max_batch_tokens, past_lens)
+
+    def _logprobs_uncached(self, prompts, batch: EncodedBatch):
+        """Label log-probs ``[pop, n, C]`` from whole-sequence forwards (differentiable if ``prompts`` is)."""
         torch = self.torch
-        if deltas is None:
-            prompts = [None]
-        else:
-            if self.p0 is None:
-                raise ConfigError("no initial prompt set; call set_init first")
-            if deltas.dim() != 3 or tuple(deltas.shape[1:]) != tuple(self.p0.shape):
-                raise ConfigError(f"prompt offsets have shape {tuple(deltas.shape)}, expected "
-                                  f"(pop, {self.p0.shape[0]}, {self.p0.shape[1]})")
-            prompts = list(self.p0.unsqueeze(0) + deltas)
-        m = 0 if deltas is None else self.p0.shape[0]
+        plist = [None] if prompts is None else list(prompts)
+        m = 0 if prompts is None else prompts.shape[1]
         embeds = self._example_embeds(batch)
         lengths = [len(b) + m + len(a) for b, a in zip(batch.before, batch.after)]
-        return self._batched(len(prompts), batch, lambda c, j: lengths[j], lambda c, j: torch.cat(
-            [embeds[j][0]] + ([prompts[c]] if prompts[c] is not None else []) + [embeds[j][1]]))
+        return self._batched(len(plist), batch, lambda c, j: lengths[j], lambda c, j: torch.cat(
+            [embeds[j][0]] + ([plist[c]] if plist[c] is not None else []) + [embeds[j][1]]))
 
     def _text_logprobs(self, texts, batch: EncodedBatch):
         """Discrete prompts: each (prompt, example) text tokenized whole, as a text API would see it."""
@@ -183,46 +262,163 @@ class HFBackend:
             raise ConfigError("this batch was encoded without its examples; encode it again to score text prompts")
         ids = [[self.tokenizer(batch.template.render_text_prompt(ex, t), add_special_tokens=True)["input_ids"]
                 for ex in batch.examples] for t in texts]
-        return self._batched(len(texts), batch, lambda c, j: len(ids[c][j]), lambda c, j: self.embedding(
+        lp = self._batched(len(texts), batch, lambda c, j: len(ids[c][j]), lambda c, j: self.embedding(
             self.torch.tensor(ids[c][j], dtype=self.torch.long, device=self.device)))
+        return lp, sum(len(i) for row in ids for i in row)
 
     def _batched(self, pop: int, batch: EncodedBatch, length, sequence):
-        """Label log-probs ``[pop, n, C]`` of every (candidate, example) sequence, in chunks of similar length
-        under the token budget."""
+        """Label log-probs ``[pop, n, C]`` of every (candidate, example) sequence, run whole, in chunks of
+        similar length under the token budget."""
         torch = self.torch
         pairs = sorted(((c, j) for j in range(batch.n) for c in range(pop)), key=lambda p: length(*p))
         label_ids = torch.tensor(batch.label_ids, device=self.device)
-        rows, cand_idx, ex_idx = [], [], []
-        start = 0
-        while start < len(pairs):
-            # Pairs are sorted by length, so the chunk's last pair is its longest.
-            end = start + 1
-            while end < len(pairs) and (end - start + 1) * length(*pairs[end]) <= self.max_batch_tokens:
-                end += 1
-            chunk = pairs[start:end]
-            rows.append(self._last_logprobs([sequence(c, j) for c, j in chunk])[:, label_ids])
-            cand_idx += [c for c, _ in chunk]
-            ex_idx += [j for _, j in chunk]
-            start = end
-        flat = torch.cat(rows)
-        out = flat.new_zeros(pop, batch.n, len(batch.label_ids))
-        out[torch.tensor(cand_idx), torch.tensor(ex_idx)] = flat
-        return out, sum(length(c, j) for c, j in pairs)
+        rows = [self._forward([sequence(c, j) for c, j in pairs[start:end]])[0][:, label_ids]
+                for start, end in self._chunks([length(c, j) for c, j in pairs])]
+        return self._scatter(torch.cat(rows), pairs, pop, batch)
 
-    def _last_logprobs(self, seqs):
-        """Full-vocabulary log-probs at the last position of each left-padded sequence."""
+    def _scatter(self, flat, pairs, pop: int, batch: EncodedBatch):
         torch = self.torch
-        longest = max(s.shape[0] for s in seqs)
-        width = seqs[0].shape[1]
-        x = seqs[0].new_zeros(len(seqs), longest, width)
-        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=self.device)
-        for i, s in enumerate(seqs):
-            x[i, longest - s.shape[0]:] = s
-            mask[i, longest - s.shape[0]:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(inputs_embeds=x, attention_mask=mask, position_ids=positions, use_cache=False,
-                         logits_to_keep=1)
-        return torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+        out = flat.new_zeros(pop, batch.n, len(batch.label_ids))
+        out[torch.tensor([c for c, _ in pairs]), torch.tensor([j for _, j in pairs])] = flat
+        return out
+
+    # -- reusing keys/values (black-box only) ---------------------------------------------------------------
+    def _reuse_ok(self, prompts) -> bool:
+        if prompts is None or not self.reuse_kv:
+            return False
+        if self._kv_checked is None:
+            self._kv_checked, self._kv_token_bytes = reuse_works(self.model, self._info.hidden_size, self.dtype,
+                                                                 self.device)
+            if self._kv_checked:
+                log.warning("keys/values of %s cannot be reused (%s); every call recomputes whole sequences",
+                            self.name, self._kv_checked)
+        return not self._kv_checked
+
+    def _cached_logprobs(self, prompts, batch: EncodedBatch):
+        """``[pop, n, C]`` reusing keys/values, or None when the batch's cache would not fit the budget."""
+        embeds = self._example_embeds(batch)
+        if batch.shared_head:
+            return self._prefix_logprobs(prompts, batch, embeds)
+        kv = self._kept_kv(batch, embeds)
+        return None if kv is None else self._infix_logprobs(prompts, batch, embeds, kv)
+
+    def _prefix_logprobs(self, prompts, batch: EncodedBatch, embeds):
+        torch = self.torch
+        head = self._kept_kv(batch, embeds) if batch.before[0] else None
+        if batch.before[0] and head is None:
+            return None
+        pop, m = prompts.shape[:2]
+        label_ids = torch.tensor(batch.label_ids, device=self.device)
+        after_lens = [len(a) for a in batch.after]
+        order = sorted(range(batch.n), key=after_lens.__getitem__)
+        # Candidates go in groups whose prompt keys/values fit a quarter of the budget (the whole population
+        # unless it is large): the prompt runs once per candidate, its keys/values serve all n examples.
+        per_cand = max(1, (len(batch.before[0]) + m) * self._kv_token_bytes)
+        group = max(1, min(pop, self.kv_cache_bytes // 4 // per_cand, self.max_batch_tokens // m))
+        rows, pairs = [], []
+        for g0 in range(0, pop, group):
+            cands = range(g0, min(pop, g0 + group))
+            _, pkv = self._forward(list(prompts[g0:cands.stop]), head.expand(len(cands)) if head else None,
+                                   keep=True)
+            gpairs = [(c, j) for j in order for c in cands]
+            for start, end in self._chunks([after_lens[j] for _, j in gpairs], [pkv.mask.shape[1]] * len(gpairs)):
+                chunk = gpairs[start:end]
+                past = pkv.take(torch.tensor([c - g0 for c, _ in chunk], device=self.device))
+                rows.append(self._forward([embeds[j][1] for _, j in chunk], past)[0][:, label_ids])
+            pairs += gpairs
+        return self._scatter(torch.cat(rows), pairs, pop, batch)
+
+    def _infix_logprobs(self, prompts, batch: EncodedBatch, embeds, kv: KV):
+        torch = self.torch
+        pop, m = prompts.shape[:2]
+        label_ids = torch.tensor(batch.label_ids, device=self.device)
+        new_lens = [m + len(a) for a in batch.after]
+        past_lens = [len(b) for b in batch.before]
+        order = sorted(range(batch.n), key=lambda j: (new_lens[j], past_lens[j]))
+        pairs = [(c, j) for j in order for c in range(pop)]
+        rows = []
+        for start, end in self._chunks([new_lens[j] for _, j in pairs], [past_lens[j] for _, j in pairs]):
+            chunk = pairs[start:end]
+            past = kv.take(torch.tensor([j for _, j in chunk], device=self.device))
+            seqs = [torch.cat([prompts[c], embeds[j][1]]) for c, j in chunk]
+            rows.append(self._forward(seqs, past)[0][:, label_ids])
+        return self._scatter(torch.cat(rows), pairs, pop, batch)
+
+    def _kept_kv(self, batch: EncodedBatch, embeds) -> KV | None:
+        """The batch's keys/values of the text before the prompt: built once, kept within ``kv_cache_mb``."""
+        key = id(batch)
+        if batch.kv is not None and key in self._kv_kept:
+            self._kv_kept.move_to_end(key)
+            return batch.kv
+        heads = [0] if batch.shared_head else list(range(batch.n))
+        width = max(len(batch.before[j]) for j in heads)
+        need = len(heads) * width * self._kv_token_bytes
+        if need > self.kv_cache_bytes:
+            log.info("keys/values of %d examples need %.0f MB, over kv_cache_mb=%.0f: scoring them uncached",
+                     len(heads), need / 2**20, self.kv_cache_bytes / 2**20)
+            return None
+        while self._kv_kept and sum(b for _, b in self._kv_kept.values()) + need > self.kv_cache_bytes:
+            _, (ref, _) = self._kv_kept.popitem(last=False)
+            if ref() is not None:
+                ref().kv = None
+        batch.kv = self._build_kv([embeds[j][0] for j in heads], width)
+        # A dead batch takes its entry with it, so the bookkeeping never outgrows the batches alive.
+        self._kv_kept[key] = (weakref.ref(batch, lambda _, k=key, kept=self._kv_kept: kept.pop(k, None)),
+                              batch.kv.nbytes)
+        return batch.kv
+
+    def _build_kv(self, seqs, width: int) -> KV:
+        """Keys/values of ``seqs``, stored left-padded to ``width`` in one tensor per layer (row i = seqs[i])."""
+        torch = self.torch
+        lens = [int(s.shape[0]) for s in seqs]
+        order = sorted(range(len(seqs)), key=lens.__getitem__)
+        kv = None
+        for start, end in self._chunks([lens[i] for i in order]):
+            idx = order[start:end]
+            _, part = self._forward([seqs[i] for i in idx], keep=True)
+            if kv is None:
+                def blank(t):
+                    return t.new_zeros(len(seqs), t.shape[1], width, t.shape[3])
+                kv = KV([blank(k) for k in part.keys], [blank(v) for v in part.values],
+                        torch.zeros(len(seqs), width, dtype=torch.long, device=self.device),
+                        torch.zeros(len(seqs), dtype=torch.long, device=self.device))
+            rows, cols = torch.tensor(idx, device=self.device), slice(width - part.mask.shape[1], None)
+            for dst, src in zip((*kv.keys, *kv.values), (*part.keys, *part.values)):
+                dst[rows, :, cols] = src
+            kv.mask[rows, cols] = part.mask
+            kv.lengths[rows] = part.lengths
+        return kv
+
+
+def plan_chunks(lens: list[int], budget: int, past: list[int] | None = None, overhead: int = 64):
+    """Cut rows sorted by length (ascending) into forwards, as ``(start, end)`` ranges.
+
+    Each forward pads its rows to its longest, so where the cuts go decides how many padding tokens are
+    computed. A greedy fill of ``budget`` tokens mixes short and long rows (36 % padding measured on SST-2 with
+    a prefix cache); this dynamic programme minimises padded tokens plus ``overhead`` tokens per forward (the
+    fixed cost of a forward: dispatch, and the LM head's weight read), with at most ``budget`` padded new
+    tokens per forward, and at most four times that counting ``past`` tokens (bounds the attention and the
+    cache copies). A row longer than the budget goes alone.
+    """
+    n = len(lens)
+    length = np.asarray(lens, dtype=np.int64)
+    prior = np.zeros(n, np.int64) if past is None else np.asarray(past, dtype=np.int64)
+    cost = np.zeros(n + 1)
+    back = np.zeros(n + 1, np.int64)
+    for end in range(1, n + 1):
+        longest = max(1, int(length[end - 1]))           # sorted: the last row is the chunk's longest
+        lo = max(0, end - max(1, budget // longest))
+        rows = end - np.arange(lo, end)
+        past_max = np.maximum.accumulate(prior[lo:end][::-1])[::-1]
+        c = cost[lo:end] + rows * longest + overhead
+        c[(rows * (longest + past_max) > 4 * budget) & (rows > 1)] = np.inf
+        best = int(np.argmin(c))
+        cost[end], back[end] = c[best], lo + best
+    cuts, end = [], n
+    while end > 0:
+        cuts.append((int(back[end]), end))
+        end = int(back[end])
+    return cuts[::-1]
 
 
 def label_token_ids(tokenizer, label_words: list[str]) -> list[int]:

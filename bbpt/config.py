@@ -44,6 +44,7 @@ class StudyConfig:
     max_tokens_total: int | None = None # stop before a generation would spend more tokens than this
     # the prompt and its search space
     prompt_tokens: int = 10
+    prompt_position: str | None = None  # prefix or infix; None: where the template's {prompt} is (else prefix)
     init: str = "task"
     space: str | None = None            # None: full for backprop, projected otherwise
     intrinsic_dim: int = 500
@@ -84,6 +85,7 @@ class StudyConfig:
             (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),
             (self.eval_every >= 1, "eval_every", "at least 1 call"),
             (self.space in SPACES, "space", " or ".join(SPACES)),
+            (self.prompt_position in (None, "prefix", "infix"), "prompt_position", "prefix or infix"),
             (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
             (self.space != "full" or self.optimizer == "backprop", "space",
              "projected, discrete or vocab for derivative-free optimizers (full space has m×D dimensions)"),

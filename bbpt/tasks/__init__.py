@@ -15,8 +15,20 @@ __all__ = ["BUILTIN", "Example", "Task", "Template", "load_task"]
 def load_task(*, task: str | None = None, data: str | None = None, test_data: str | None = None,
               template: str | None = None, labels: list[str] | None = None,
               label_names: list[str] | None = None, text_field: str = "text", text_pair_field: str | None = None,
-              label_field: str = "label", shots: int = 16, seed: int = 0, max_test: int | None = None) -> Task:
-    """Load a built-in task by name, or a user's JSONL/CSV file with its template and label words."""
+              label_field: str = "label", shots: int = 16, seed: int = 0, max_test: int | None = None,
+              prompt_position: str | None = None) -> Task:
+    """Load a built-in task by name, or a user's JSONL/CSV file with its template and label words.
+
+    ``prompt_position`` moves the prompt (see :meth:`Template.at`); None keeps the template as written."""
+    task = _load_task(task=task, data=data, test_data=test_data, template=template, labels=labels,
+                      label_names=label_names, text_field=text_field, text_pair_field=text_pair_field,
+                      label_field=label_field, shots=shots, seed=seed, max_test=max_test)
+    task.template = task.template.at(prompt_position)
+    return task
+
+
+def _load_task(*, task, data, test_data, template, labels, label_names, text_field, text_pair_field, label_field,
+               shots, seed, max_test) -> Task:
     if shots < 1:
         raise ConfigError(f"--shots must be at least 1, got {shots}")
     if (task is None) == (data is None):

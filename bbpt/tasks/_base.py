@@ -9,6 +9,7 @@ from bbpt.errors import ConfigError
 
 SLOTS = ("text", "text_pair", "prompt")
 PROMPT_SEPARATOR = "\n"
+PLACEMENTS = ("prefix", "infix")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,26 @@ class Template:
         """``prefix`` when the prompt leads, ``infix`` when text comes before it."""
         head = self.source.split("{prompt}")[0] if "{prompt}" in self.source else ""
         return "infix" if "{text" in head else "prefix"
+
+    def at(self, position: str | None) -> "Template":
+        """This template with the prompt at ``position``: ``prefix`` (before everything) or ``infix`` (right
+        after the last text field and the whitespace that follows it, so before the answer cue:
+        ``Review: {text}\\n{prompt}Sentiment:``). None keeps the template as written."""
+        if position is None:
+            return self
+        if position not in PLACEMENTS:
+            raise ConfigError(f"unknown --prompt-position {position!r}; choose prefix or infix")
+        if "{prompt}" in self.source:
+            if self.placement != position:
+                raise ConfigError(f"template {self.source!r} puts {{prompt}} in {self.placement} position but "
+                                  f"--prompt-position is {position}; drop one of the two")
+            return self
+        if position == "prefix":
+            return self
+        end = max(self.source.rfind(f) + len(f) for f in ("{text}", "{text_pair}") if f in self.source)
+        while end < len(self.source) and self.source[end].isspace():
+            end += 1
+        return Template(self.source[:end] + "{prompt}" + self.source[end:])
 
     def render(self, ex: Example) -> tuple[str, str]:
         """Return (text before the prompt, text after it)."""

@@ -1,0 +1,107 @@
+"""Keys and values kept between forwards, so the local backend does not recompute what has not changed.
+
+Everything goes through transformers' own ``past_key_values`` (a :class:`~transformers.DynamicCache` built
+from stored tensors) and ``inputs_embeds``: no model code is forked. Sequences are left-padded, with explicit
+position ids and an attention mask over past + new tokens, so a row's scores equal those of the same tokens
+run alone and unpadded. Whether a model's cache can be reused this way is checked once per backend
+(:func:`reuse_works`) rather than assumed from its name; a model that fails the check is scored the plain way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bbpt.errors import BackendError
+
+
+@dataclass
+class KV:
+    """Keys/values of ``rows`` left-padded sequences: per layer ``[rows, kv_heads, width, head_dim]``.
+
+    ``mask`` ``[rows, width]`` is 1 on real tokens; ``lengths`` ``[rows]`` counts them, which is also the
+    position id of the token that comes next.
+    """
+
+    keys: list
+    values: list
+    mask: object
+    lengths: object
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def take(self, idx) -> "KV":
+        """Rows ``idx``, without the leading columns that are padding in all of them (a gather, so a copy)."""
+        lengths = self.lengths[idx]
+        cols = slice(self.mask.shape[1] - int(lengths.max()), None)
+        return KV([k[idx, :, cols] for k in self.keys], [v[idx, :, cols] for v in self.values],
+                  self.mask[idx, cols], lengths)
+
+    def expand(self, rows: int) -> "KV":
+        """A one-row KV seen as ``rows`` rows (views; the forward's cache concatenation makes the copy)."""
+        return KV([k.expand(rows, -1, -1, -1) for k in self.keys], [v.expand(rows, -1, -1, -1) for v in self.values],
+                  self.mask.expand(rows, -1), self.lengths.expand(rows))
+
+
+def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False):
+    """Run ``seqs`` (each ``[len, D]`` embeddings) after ``past`` (one past row per sequence, or none).
+
+    Returns the full-vocabulary log-probs at each sequence's last token, ``[B, V]`` float32 (only that
+    position reaches the LM head: ``logits_to_keep=1``; the vocabulary stays whole because a log-prob needs the
+    softmax's normaliser), and with ``keep`` the keys/values of past + ``seqs``.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    longest = max(s.shape[0] for s in seqs)
+    x = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[1])
+    new_mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=x.device)
+    for i, s in enumerate(seqs):
+        x[i, longest - s.shape[0]:] = s
+        new_mask[i, longest - s.shape[0]:] = 1
+    positions = (new_mask.cumsum(-1) - 1).clamp(min=0)
+    cache, mask = None, new_mask
+    if past is not None:
+        mask = torch.cat([past.mask, new_mask], dim=1)
+        positions = positions + past.lengths[:, None]
+        cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)), config=model.config)
+    out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                use_cache=keep or cache is not None, logits_to_keep=1)
+    logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    if not keep:
+        return logprobs, None
+    keys, values = [], []
+    for layer in out.past_key_values.layers:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[2] == mask.shape[1]):
+            raise BackendError("this model's cache does not hold one key/value per token; it cannot be reused")
+        keys.append(k)
+        values.append(v)
+    # Padded slots are masked out, but a masked value still enters the weighted sum with weight 0, and
+    # 0 × NaN is NaN: zero them so nothing computed for a padding row can leak into a later forward.
+    pad = (mask == 0)[:, None, :, None]
+    for t in (*keys, *values):
+        t.masked_fill_(pad, 0)
+    return logprobs, KV(keys, values, mask, mask.sum(-1))
+
+
+def reuse_works(model, width: int, dtype, device) -> tuple[str, int]:
+    """Does a forward continued from stored keys/values give the scores of one uncached forward?
+
+    Returns why not (empty when it does) and the bytes one token's keys/values take (for cache budgets).
+    Runs three tiny forwards on random embeddings; any failure means "no", and the caller scores uncached.
+    """
+    import torch
+
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = (torch.randn(6, width, generator=g) * 0.02).to(device=device, dtype=dtype)
+        whole, _ = forward_last(model, [x])
+        _, kv = forward_last(model, [x[:4]], keep=True)
+        parts, _ = forward_last(model, [x[4:]], past=kv)
+        tol = 1e-3 if dtype == torch.float32 else 5e-2
+        diff = float((whole - parts).abs().max())
+        return ("" if diff <= tol else f"cached and uncached scores differ by {diff:.2e}"), kv.nbytes // 4
+    except Exception as e:      # e.g. an architecture whose cache cannot be rebuilt from tensors
+        return f"{type(e).__name__}: {e}", 0

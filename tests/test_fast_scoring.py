@@ -1,0 +1,211 @@
+"""Black-box scoring that reuses keys/values must give the scores of whole-sequence forwards, in every placement,
+batched or not, and must not hold more memory after many calls than after a few."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import adapters.hf as hf
+from bbpt.cli import main
+from bbpt.errors import ConfigError
+from bbpt.prompt import PromptInit
+from bbpt.tasks import Example, Template, load_task
+
+TEXTS = ["a gorgeous, witty, seductive movie.", "dull", "the plot meanders for two long hours and never lands",
+         "fine", "an utter waste of a fine cast and of my evening", "the best thing this year, by far"]
+LABELS = [" negative", " positive"]
+TEMPLATES = {
+    "prefix": "Review: {text}\nSentiment:",
+    "prefix after shared text": "Classify.{prompt} Review: {text}\nSentiment:",
+    "infix": "Review: {text}\n{prompt}Sentiment:",
+    "infix, pair after the prompt": "A: {text}\n{prompt}B: {text_pair}\nSame?:",
+}
+
+
+def examples():
+    return [Example(t, i % 2, TEXTS[-1 - i]) for i, t in enumerate(TEXTS)]
+
+
+@pytest.fixture
+def backend(tiny_model_dir):
+    return hf.HFBackend(tiny_model_dir, device="cpu")
+
+
+def deltas(b, pop=4, m=3, seed=0):
+    return np.random.default_rng(seed).normal(scale=0.05, size=(pop, m, b.info().hidden_size)).astype(np.float32)
+
+
+def uncached(b, d, batch):
+    b.reuse_kv = False
+    try:
+        return b.score(d, batch).logprobs
+    finally:
+        b.reuse_kv = True
+
+
+@pytest.mark.parametrize("name", TEMPLATES)
+def test_cached_scores_equal_whole_sequence_forwards(backend, name):
+    b = backend
+    b.set_init(PromptInit("vocab", 3, seed=2))
+    batch = b.encode(examples(), Template(TEMPLATES[name]), LABELS)
+    d = deltas(b)
+    ref = uncached(b, d, batch)
+    b.max_batch_tokens = 48          # several forwards, each with padding in its past and its new tokens
+    first = b.score(d, batch)
+    again = b.score(d, batch)        # the second call reuses what the first one kept
+    np.testing.assert_allclose(first.logprobs, ref, atol=1e-4)
+    np.testing.assert_allclose(again.logprobs, ref, atol=1e-4)
+    assert first.tokens == b.score(d[:1], batch).tokens * len(d)
+
+
+def test_infix_matches_a_plain_unpadded_forward(backend):
+    """An independent reference: the model on one example's full embedding sequence, nothing batched."""
+    b = backend
+    b.set_init(PromptInit("text", 3, text="good bad"))
+    tmpl = Template(TEMPLATES["infix"])
+    d = deltas(b, pop=2)
+    got = b.score(d, b.encode(examples(), tmpl, LABELS)).logprobs
+    ids = hf.label_token_ids(b.tokenizer, LABELS)
+    emb = b.embedding
+    for j, ex in enumerate(examples()):
+        before, after = tmpl.render(ex)
+        for c in range(2):
+            p = b.p0 + torch.from_numpy(d[c])
+            x = torch.cat([emb(torch.tensor(b.tokenizer(before)["input_ids"])), p,
+                           emb(torch.tensor(b.tokenizer(after, add_special_tokens=False)["input_ids"]))])
+            with torch.no_grad():
+                ref = torch.log_softmax(b.model(inputs_embeds=x[None]).logits[0, -1], -1)[ids].numpy()
+            np.testing.assert_allclose(got[c, j], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["prefix", "infix"])
+def test_population_in_one_call_equals_one_candidate_at_a_time(backend, name):
+    b = backend
+    b.set_init(PromptInit("vocab", 3, seed=1))
+    batch = b.encode(examples(), Template(TEMPLATES[name]), LABELS)
+    d = deltas(b, pop=5)
+    together = b.score(d, batch).logprobs
+    for c in range(5):
+        np.testing.assert_allclose(together[c], b.score(d[c:c + 1], batch).logprobs[0], atol=1e-5)
+
+
+def test_each_placement_computes_only_what_changed(backend):
+    b = backend
+    b.set_init(PromptInit("zeros", 3))
+    exs, pop, m = examples(), 4, 3
+    for name in ("prefix", "infix"):
+        batch = b.encode(exs, Template(TEMPLATES[name]), LABELS)
+        b.score(deltas(b, pop), batch)                  # builds whatever is kept
+        before = dict(b.stats)
+        b.score(deltas(b, pop, seed=1), batch)
+        computed = b.stats["computed_tokens"] - before["computed_tokens"]
+        if name == "prefix":        # the prompt once per candidate, then each example's own tokens
+            assert computed == pop * m + pop * sum(len(a) for a in batch.after)
+        else:                       # only the prompt and the cue: each input was encoded on the first call
+            assert computed == pop * sum(m + len(a) for a in batch.after)
+        assert computed < b.score(deltas(b, pop), batch).tokens
+
+
+def test_memory_is_flat_over_many_calls(backend):
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    batch = b.encode(examples(), Template(TEMPLATES["infix"]), LABELS)
+    d = deltas(b)
+    b.score(d, batch)
+    kept, kv = dict(b._kv_kept), batch.kv
+    rss0 = _rss_mb()
+    for i in range(150):
+        b.score(deltas(b, seed=i), batch)
+    assert batch.kv is kv and b._kv_kept.keys() == kept.keys()
+    assert _rss_mb() - rss0 < 20
+
+
+def test_kept_caches_stay_within_the_budget_and_dead_batches_leave(backend):
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    tmpl = Template(TEMPLATES["infix"])
+    d = deltas(b, pop=2)
+    first = b.encode(examples()[:3], tmpl, LABELS)
+    b.score(d, first)
+    one = first.kv.nbytes
+    b.kv_cache_bytes = int(one * 1.5)                   # room for one such batch, not two
+    second = b.encode(examples()[3:], tmpl, LABELS)
+    np.testing.assert_allclose(b.score(d, second).logprobs, uncached(b, d, second), atol=1e-4)
+    assert first.kv is None and second.kv is not None
+    assert sum(n for _, n in b._kv_kept.values()) <= b.kv_cache_bytes
+    del second
+    assert not b._kv_kept
+    b.kv_cache_bytes = 1                                # too big to keep at all: scored uncached, same scores
+    np.testing.assert_allclose(b.score(d, first).logprobs, uncached(b, d, first), atol=1e-4)
+    assert first.kv is None
+
+
+def test_models_whose_cache_cannot_be_reused_are_scored_uncached(backend, monkeypatch, caplog):
+    monkeypatch.setattr(hf, "reuse_works", lambda *a: ("no cache here", 0))
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    batch = b.encode(examples(), Template(TEMPLATES["infix"]), LABELS)
+    with caplog.at_level(logging.WARNING):
+        got = b.score(deltas(b), batch).logprobs
+    assert "no cache here" in caplog.text and batch.kv is None
+    np.testing.assert_allclose(got, uncached(b, deltas(b), batch), atol=1e-6)
+
+
+def test_gradients_still_flow_with_an_infix_prompt(backend):
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    batch = b.encode(examples(), Template(TEMPLATES["infix"]), LABELS)
+    cached = b.score(deltas(b, pop=2), batch).logprobs      # leaves keys/values on the batch
+    d = torch.from_numpy(deltas(b, pop=2)).requires_grad_(True)
+    lp, _ = b.logprobs_torch(d, batch)
+    lp[..., 0].sum().backward()
+    assert d.grad is not None and d.grad.abs().sum() > 0
+    np.testing.assert_allclose(lp.detach().numpy(), cached, atol=1e-4)
+
+
+def test_forwards_are_planned_to_pad_little_within_the_token_budget():
+    lens = sorted(np.random.default_rng(0).integers(5, 60, 640).tolist())
+    past = np.random.default_rng(1).integers(0, 80, 640).tolist()
+    cuts = hf.plan_chunks(lens, 2048, past)
+    assert [s for s, _ in cuts] == [0] + [e for _, e in cuts[:-1]] and cuts[-1][1] == len(lens)
+    for s, e in cuts:
+        assert (e - s) * lens[e - 1] <= 2048 and (e - s) * (lens[e - 1] + max(past[s:e])) <= 4 * 2048
+    assert sum((e - s) * lens[e - 1] for s, e in cuts) < 1.05 * sum(lens)
+    assert hf.plan_chunks([5000, 6000], 2048) == [(0, 1), (1, 2)]      # too long for the budget: alone
+
+
+def test_template_moves_the_prompt_to_a_position():
+    assert Template("Review: {text}\nSentiment:").at("infix").source == "Review: {text}\n{prompt}Sentiment:"
+    pair = Template("P: {text}\nH: {text_pair}\nSame?:")
+    assert pair.at("infix").source == "P: {text}\nH: {text_pair}\n{prompt}Same?:"
+    assert Template("Review: {text}\nSentiment:").at("prefix").placement == "prefix"
+    assert Template("{text} {prompt}Cue:").at("infix").source == "{text} {prompt}Cue:"
+    with pytest.raises(ConfigError, match="infix position but --prompt-position is prefix"):
+        Template("{text} {prompt}Cue:").at("prefix")
+    with pytest.raises(ConfigError, match="unknown --prompt-position 'middle'"):
+        Template("{text}").at("middle")
+    task = load_task(task="sst2", shots=2, prompt_position="infix")
+    assert task.template.source.endswith("\n{prompt}Sentiment (positive or negative):")
+
+
+def test_optimize_with_an_infix_prompt_saves_its_template(tiny_model_dir, storage_url, tmp_path, capsys):
+    rc = main(["-q", "optimize", "--model", tiny_model_dir, "--task", "sst2", "--shots", "4", "--max-test", "8",
+               "--prompt-position", "infix", "--popsize", "4", "--budget", "8", "--prompt-tokens", "3",
+               "--intrinsic-dim", "8", "--storage", storage_url, "--runs-dir", str(tmp_path), "--json",
+               "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    meta = json.loads((tmp_path / summary["study"] / "prompt.json").read_text())
+    assert Template(meta["template"]).placement == "infix" and meta["config"]["prompt_position"] == "infix"
+    assert main(["-q", "eval", "--prompt", summary["prompt_path"], "--split", "test", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(summary["test"])
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        import os
+
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
