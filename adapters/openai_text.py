@@ -165,6 +165,8 @@ class OpenAITextBackend:
                 acct["cached"] += 1
             if self.use_logprobs:
                 lp[row], missing[row] = label_logprobs(answer["top"], batch.labels, self.floor_margin)
+                if answer.get("k"):          # the top-k its answers came with (cached ones keep theirs)
+                    acct["top_logprobs"] = min(acct.get("top_logprobs", answer["k"]), answer["k"])
             else:
                 predicted[row] = parse_answer(answer.get("text") or "", batch.label_words)
                 if predicted[row] >= 0:

@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: thousands of lines for a text-API study. Its warnings still show.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     from bbpt import commands
 
     try:

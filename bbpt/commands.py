@@ -56,6 +56,14 @@ def format_summary(s: dict) -> str:
         f"  train loss {s['start_train_loss']:.4f} (initial prompt) -> {s['best_train_loss']:.4f} (best)",
         f"  prompt saved to {s['prompt_path']}",
     ]
+    if s.get("prompt_text") is not None:
+        lines.append(f"  prompt text: {s['prompt_text']!r}")
+    if s.get("search"):         # a text API's bill: what was sent, what the cache saved, labels outside the top-k
+        spent = ", ".join(f"{k.replace('_', ' ')} {v:,.0f}" for k, v in s["search"].items())
+        lines.append(f"  search: {spent}; {s['tokens_total']:,} tokens in all"
+                     + (f", cost {s['cost']:.4f}" if "cost" in s else ""))
+    if s.get("stopped", "budget") != "budget":
+        lines.append(f"  stopped early: {s['stopped']}")
     return "\n".join(lines)
 
 
@@ -194,14 +202,18 @@ def cmd_trials(args) -> int:
     storage = Storage(args.storage, create=False)
     row = storage.require_study(args.name)
     fields = ["number", "generation", "loss", "accuracy", "calls", "tokens", "seconds", "backward_seconds", "state"]
+    trials = storage.trials(row.id)
+    text = any("prompt" in t.metrics for t in trials)      # discrete studies: each trial's prompt, last
+    fields += ["prompt"] if text else []
     w = csv.writer(sys.stdout) if args.csv else None
     if w:
         w.writerow(fields)
     else:
         print(" ".join(f"{f:>12}" for f in fields))
-    for t in storage.trials(row.id):
+    for t in trials:
         vals = [t.number, t.generation, round(t.loss, 6), t.metrics.get("accuracy"), t.calls, t.tokens,
                 round(t.seconds, 4), round(t.backward_seconds, 4), t.state]
+        vals += [t.metrics.get("prompt", "")] if text else []
         if w:
             w.writerow(vals)
         else:

@@ -100,6 +100,8 @@ def run(sess: Session, progress: bool = True) -> dict:
         bar.set_postfix(best_loss=f"{loop.best_loss:.4f}",
                         dev=f"{loop.dev_last:.3f}" if loop.dev_last is not None else "-")
     bar.close()
+    if opt.stop() and not loop.stopped:
+        loop.stopped = "optimizer: " + ", ".join(sorted(opt.stop()))
     if loop.best_trial is not None and loop.best_trial not in loop.evaluated:  # budget smaller than one step
         store.add_evaluations(sid, [_dev_eval(sess, space, loop, best_z)])
     return sess.finish(space, loop)

@@ -167,3 +167,16 @@ def test_a_database_without_the_request_cache_table_still_opens(tmp_path):
     cache.put_many({"k": {"top": {"a": -1.0}}})
     cache.put_many({"k": {"top": {"a": -2.0}}})   # first answer wins; no duplicate row
     assert cache.get_many(["k", "missing"]) == {"k": {"top": {"a": -1.0}}}
+
+
+def test_the_summary_shows_the_prompt_text_and_the_bill():
+    from bbpt.commands import format_summary
+
+    s = dict(study="s", optimizer="cma", task="sst2", model="m", seed=0, metric="accuracy", baseline_dev=0.5,
+             baseline_test=0.5, dev=0.8, test=0.7, calls=100, budget=100, tokens=1000, seconds=10.0,
+             start_train_loss=0.7, best_train_loss=0.4, prompt_path="runs/s", prompt_text="Rate this review.",
+             search=dict(requests=3136, cached=64, missing_labels=16), tokens_total=1200, cost=0.6,
+             stopped="max_tokens_total")
+    out = format_summary(s)
+    assert "prompt text: 'Rate this review.'" in out and "requests 3,136, cached 64" in out
+    assert "cost 0.6000" in out and "stopped early: max_tokens_total" in out

@@ -306,29 +306,33 @@ def test_a_soft_space_is_refused_before_anything_is_stored(llama, tmp_path, caps
 @pytest.mark.slow
 @needs_llama
 def test_local_model_scores_text_prompts_like_the_server(llama, real_backend, task):
-    """The same GGUF, dequantized for transformers and run in Q4_1 by llama.cpp: close, not equal."""
+    """The same GGUF, dequantized for transformers, and run quantized by llama.cpp: close, not equal."""
     b = OpenAITextBackend(llama.url, top_logprobs=20)
     try:
-        remote = _score(b, task, n=6)
+        _score(b, task, n=6)
     finally:
         b.close()
-    local = _score(real_backend, task, n=6).logprobs
-    found = np.stack([~label_logprobs(b.memo[k]["top"], ["negative", "positive"])[1] for k in b.memo])[None]
-    assert found.sum() >= 6
-    assert np.abs(remote.logprobs[found] - local[found]).max() < 0.25
+    local = _score(real_backend, task, n=6).logprobs[0]
+    # the label words' own tokens (the server's value for a label also adds variants such as "Positive")
+    pairs = [(top[w], local[j, c]) for j, top in enumerate(b.memo[k]["top"] for k in b.memo)
+             for c, w in enumerate(task.label_words) if w in top]
+    assert len(pairs) >= 6
+    gaps = np.abs([r - l for r, l in pairs])       # measured: median 0.09, max 0.24 (llama.cpp's Q8 activations)
+    assert np.median(gaps) < 0.15 and gaps.max() < 0.35
 
 
 @pytest.mark.slow
 @needs_llama
 def test_discrete_search_through_the_server_improves_and_reproduces(llama, tmp_path, capsys):
+    # 8 shots (16 examples a call) keep 100 calls to about 1,600 requests: minutes on one llama.cpp thread.
     url = f"sqlite:///{tmp_path / 'search.db'}"
     common = ["-q", "optimize", "--backend", "openai", "--endpoint", llama.url + "/v1", "--task", "sst2",
-              "--space", "discrete", "--prompt-tokens", "9", "--intrinsic-dim", "100", "--optimizer", "cma",
+              "--shots", "8", "--space", "discrete", "--prompt-tokens", "9", "--intrinsic-dim", "100", "--optimizer", "cma",
               "--popsize", "10", "--seed", "0", "--max-test", "32", "--storage", url, "--runs-dir",
               str(tmp_path / "runs"), "--no-progress", "--json"]
     assert main([*common, "--budget", "100", "--study", "search"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["calls"] == 100
+    assert summary["calls"] == 100 and summary["stopped"] == "budget"
     assert summary["best_train_loss"] < summary["start_train_loss"]
     assert (Path(summary["prompt_path"]) / "prompt.txt").read_text().strip() == summary["prompt_text"]
     assert main(["studies", "show", "search", "--text", "--storage", url]) == 0

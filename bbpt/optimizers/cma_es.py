@@ -14,8 +14,13 @@ class CMAES(PickledState):
         import cma
 
         # seed NaN: pycma leaves seeding to us, since it only seeds when randn is np.random.randn itself.
+        # pycma stops on flat f-values: one generation whose better half ties (tolflatfitness), or a best value
+        # unchanged for ~10 generations (tolfun, tolfunhist). When z maps to discrete prompts, many z give one
+        # text and such plateaus are the landscape, not convergence (pycma widens σ on them); the budget, not a
+        # plateau, decides when a study ends. A soft prompt's loss never ties, so its runs are unchanged.
         opts = {"popsize": s.popsize, "seed": float("nan"), "randn": _global_randn, "verbose": -9,
-                "CMA_diagonal": s.diagonal, "maxfevals": float("inf")}
+                "CMA_diagonal": s.diagonal, "maxfevals": float("inf"), "tolflatfitness": 1e9, "tolfun": 0,
+                "tolfunhist": 0}
         if s.bound > 0:
             opts["bounds"] = [-s.bound, s.bound]
         # pycma samples from numpy's global generator: keep our own copy of its state so that nothing else
