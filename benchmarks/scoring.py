@@ -314,24 +314,26 @@ def table(res: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--population", type=int, default=20, help="candidates per generation (BBT: 20)")
-    p.add_argument("--tokens", type=int, nargs="+", default=[10, 50], help="prompt lengths m")
-    p.add_argument("--calls", type=int, default=1000, help="calls per kv-reusing mode for the memory check")
+    p.add_argument("--population", type=int, help="candidates per generation (default 20, BBT's; --quick: 2)")
+    p.add_argument("--tokens", type=int, nargs="+", help="prompt lengths m (default 10 50; --quick: 10)")
+    p.add_argument("--calls", type=int, help="calls per kv-reusing mode for the memory check (default 1000; "
+                                             "--quick: 8)")
     p.add_argument("--repeats", type=int, default=1, help="timed repetitions of each population (median)")
     p.add_argument("--diff-candidates", type=int, default=2, help="candidates checked against the references")
     p.add_argument("--max-batch-tokens", type=int, default=2048)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice, one per core)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="population 2, m = 10 only, 8 calls: a smoke run")
+    p.add_argument("--quick", action="store_true", help="smaller defaults for a smoke run: population 2, "
+                                                         "m = 10, 8 calls (flags given explicitly still apply)")
     p.add_argument("--note", default="", help="free text stored with the machine description")
     p.add_argument("--json", action="store_true", help="one JSON object on stdout instead of a table")
     p.add_argument("--silent", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
-    if args.quick:
-        args.population = min(args.population, 2)
-        args.calls = min(args.calls, 8)
-        if args.tokens == [10, 50]:
-            args.tokens = [10]
+    defaults = dict(population=2, tokens=[10], calls=8) if args.quick else dict(population=20, tokens=[10, 50],
+                                                                                 calls=1000)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.diff_candidates = min(args.diff_candidates, args.population)
     res = run(args)
     print(json.dumps(res, indent=1) if args.json else table(res))
