@@ -128,7 +128,8 @@ class VocabSpace:
 
 def label_vocabulary(examples: list[Example], num_classes: int, size: int, min_count: int = 2) -> list[str]:
     """Words of the examples ranked by their strongest association with one label: max over classes c of the
-    smoothed PMI log p(c | w) − log p(c), counting each word once per example; ties go to the more frequent.
+    smoothed PMI log p(c | w) − log p(c), counting each word once per example; ties go to the more frequent,
+    then the longer.
     Words seen fewer than ``min_count`` times are left out unless too few remain."""
     df: Counter = Counter()
     by_class = [Counter() for _ in range(num_classes)]
@@ -146,7 +147,9 @@ def label_vocabulary(examples: list[Example], num_classes: int, size: int, min_c
     pool = [w for w in df if len(w) > 1 and df[w] >= min_count]
     if len(pool) < size:
         pool = [w for w in df if len(w) > 1]
-    return sorted(pool, key=lambda w: (-pmi(w), -df[w], w))[:size]
+    # Few-shot sets are small (SST-2 16-shot: ~220 distinct words, ~25 seen twice), so many words tie; among
+    # equals, longer words (content, not function words) come first.
+    return sorted(pool, key=lambda w: (-pmi(w), -df[w], -len(w), w))[:size]
 
 
 def read_vocab(path: str) -> list[str]:
