@@ -37,7 +37,7 @@ import numpy as np
 
 from adapters._base import ModelInfo, ScoreResult
 from adapters.http_client import HttpClient, HttpStatusError, root_url, served_model
-from adapters.topk import label_floor, merge_duplicates
+from adapters.topk import label_floor, merge_duplicates, warn_missing
 from bbpt.errors import BackendError, BbptError, ConfigError
 from bbpt.prompt import PromptInit, TextPrompts
 from bbpt.tasks import Example, Template
@@ -284,7 +284,4 @@ class OpenAITextBackend:
             return
         self.missing_labels += int(missing.sum())
         self.label_scores += missing.size
-        if missing.any():
-            log.warning("%d of %d label log-probs were outside the server's top-%s and were set to the floor "
-                        "(see adapters/openai_text.py); the loss is approximate for those examples",
-                        int(missing.sum()), missing.size, self.top_k)
+        warn_missing(missing, self.top_k, "adapters/openai_text.py")

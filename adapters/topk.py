@@ -8,9 +8,12 @@ labels that are missing, and count how often they had to.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # log(1e-300): what "no mass left at all" becomes, so a loss stays finite.
 NO_MASS = -690.0
@@ -35,3 +38,11 @@ def merge_duplicates(pairs) -> dict[str, float]:
         lp = float(lp)
         out[tok] = float(np.logaddexp(out[tok], lp)) if tok in out else lp
     return out
+
+
+def warn_missing(missing: np.ndarray, k, source: str) -> None:
+    """Say, once per scored population, how many label log-probs had to be set to the floor."""
+    if missing.any():
+        log.warning("%d of %d label log-probs were outside the server's top-%s and were set to the floor "
+                    "(see %s); the loss is approximate for those examples", int(missing.sum()), missing.size,
+                    k, source)

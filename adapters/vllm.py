@@ -29,7 +29,7 @@ from adapters._base import ModelInfo, ScoreResult
 from adapters.default_model import resolve_model
 from adapters.embedding_table import load_input_embeddings
 from adapters.http_client import HttpClient, HttpStatusError, root_url, served_model
-from adapters.topk import NO_MASS, label_floor
+from adapters.topk import NO_MASS, label_floor, warn_missing
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit
 from bbpt.server.wire import encode_embeds
@@ -134,10 +134,7 @@ class VLLMBackend:
         self.last_missing = missing.reshape(shape)
         self.missing_labels += int(missing.sum())
         self.label_logprobs += missing.size
-        if missing.any():
-            log.warning("%d of %d label log-probs were outside the server's top-%d and were set to the floor "
-                        "(see adapters/vllm.py); the loss is approximate for those examples",
-                        int(missing.sum()), missing.size, self.top_logprobs)
+        warn_missing(missing, self.top_logprobs, "adapters/vllm.py")
         tokens = sum(int((r.body.get("usage") or {}).get("prompt_tokens", 0)) for r in replies)
         return ScoreResult(logprobs=lp.reshape(shape), tokens=tokens or sum(len(s) for s in seqs),
                            bytes_sent=sum(r.bytes_sent for r in replies),
