@@ -138,6 +138,17 @@ examples:
 """
 
 
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(t) for t in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} should be comma-separated integers, e.g. 0,1") from None
+
+
 def _add_study_parser(sub) -> None:
     p = sub.add_parser("study", help="run a comparison declared in a TOML spec (arms x seeds x tasks), and "
                        "report it", description=STUDY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +164,9 @@ def _add_study_parser(sub) -> None:
     sp.add_argument("--dry-run", action="store_true", help="list every study and its state (new, calls done, "
                                                            "complete); run nothing")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar (the per-study log lines remain)")
+    sp.add_argument("--arms", type=_names, metavar="A,B", help="run only these arms (comma-separated), e.g. the "
+                    "two a question needs first; the others stay for a later run into the same storage")
+    sp.add_argument("--seeds", type=_ints, metavar="0,1", help="run only these of the spec's seeds")
     sp = ssub.add_parser("report", help="write the spec's markdown report and plots from its storage",
                          description="Write <spec folder>/results/<name>.md: per task, mean ± std over seeds of "
                          "dev and test score per arm, calls, tokens, seconds and calls to reach the reference "

@@ -268,6 +268,7 @@ def cmd_study(args) -> int:
         print(f"report written to {out}")
         return 0
     url = spec.storage_url(args.storage)
+    spec = spec.only(getattr(args, "arms", None), getattr(args, "seeds", None))
     if args.dry_run:
         return _study_plan(spec, url)
     from bbpt.studyspec import run_spec

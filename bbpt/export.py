@@ -34,6 +34,10 @@ def study_prompt(storage: Storage, name: str, runs_dir: str | Path = "runs") -> 
     if row.state != "complete" or not row.summary:
         raise StudyError(f"study {name!r} is {row.state}, so no prompt has been selected on dev yet; finish it by "
                          "rerunning the same `bbpt optimize` command, then export")
+    if "prompt_path" not in row.summary:    # a study spec's manual/icl arm: it scored a fixed text prompt
+        raise StudyError(f"study {name!r} is a {row.summary.get('optimizer', 'baseline')} arm of a study spec: it "
+                         "tuned nothing, so there is no soft prompt to export; its template is in `bbpt studies "
+                         f"show {name}`")
     if row.summary.get("prompt_text") is not None:
         raise StudyError(f"study {name!r} tuned a discrete prompt, which is plain text: print it with `bbpt studies "
                          f"show {name} --text` (also in {row.summary['prompt_path']}/prompt.txt); export is for "

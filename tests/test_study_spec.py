@@ -181,3 +181,26 @@ def test_baseline_arm_rejects_tuning_keys(tmp_path, tiny_model_dir, capsys):
     assert main(["study", "report", str(spec)]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'popsize' for an arm with optimizer 'manual'" in err and "allowed keys: backend" in err
+
+
+def test_arms_and_seeds_select_part_of_the_plan(tmp_path, tiny_model_dir, capsys):
+    spec = write_spec(tmp_path, tiny_model_dir)
+    assert main(["-q", "study", "run", str(spec), "--no-progress", "--arms", "manual,cma", "--seeds", "1"]) == 0
+    url = db_url(spec)
+    assert sorted(rows(url, "SELECT name, state FROM studies")) == [
+        ("tiny/sst2/cma/seed1", "complete"), ("tiny/sst2/manual/seed1", "complete")]
+    capsys.readouterr()
+    assert main(["study", "run", str(spec), "--arms", "cma,nope"]) == 2
+    err = capsys.readouterr().err
+    assert "'nope', which is not an arm of this spec" in err and "manual, icl, bp, cma" in err
+    assert main(["study", "run", str(spec), "--seeds", "7"]) == 2
+    assert "--seeds names 7" in capsys.readouterr().err
+    assert len(rows(url, "SELECT name FROM studies")) == 2      # the refused runs wrote nothing
+
+
+def test_export_of_a_baseline_arm_says_there_is_nothing_to_export(finished, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert main(["export", "tiny/sst2/manual/seed0", "--storage", finished.url, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "manual arm of a study spec: it tuned nothing" in err and "Traceback" not in err
+    assert not out.exists()

@@ -90,6 +90,20 @@ class StudySpec:
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
 
+    def only(self, arms: list[str] | None = None, seeds: list[int] | None = None) -> "StudySpec":
+        """The same spec with its plan cut to some arms and seeds (``bbpt study run --arms/--seeds``), e.g. to
+        run the arms a question needs first; the rest stays runnable later into the same storage."""
+        for a in arms or []:
+            if not any(x.name == a for x in self.arms):
+                raise ConfigError(f"{self.path}: --arms names {a!r}, which is not an arm of this spec; its arms are "
+                                  f"{', '.join(x.name for x in self.arms)}")
+        for s in seeds or []:
+            if s not in self.seeds:
+                raise ConfigError(f"{self.path}: --seeds names {s}, which is not among the spec's seeds "
+                                  f"{self.seeds}; add it to seeds = [...] in the spec to run it")
+        plan = [p for p in self.plan if (not arms or p.arm.name in arms) and (not seeds or p.seed in seeds)]
+        return dataclasses.replace(self, plan=plan)
+
 
 def study_name(spec: str, task: str, arm: str, seed: int) -> str:
     return f"{spec}/{task}/{arm}/seed{seed}"
