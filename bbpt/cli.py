@@ -259,9 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("studies", help="list, show or delete stored studies")
     ssub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, helptext in (("list", "one line per study"), ("show", "config, progress and results of one"),
-                             ("delete", "remove a study and all its trials")):
+                             ("delete", "remove a study and all its trials"),
+                             ("compact", "drop the optimizer state of complete studies (only needed to raise "
+                                         "their budget) and shrink the file: before committing results")):
         sp = ssub.add_parser(action, help=helptext)
-        if action != "list":
+        if action in ("show", "delete"):
             sp.add_argument("name")
         if action == "show":
             sp.add_argument("--text", action="store_true", help="print only the best discrete prompt, as plain "

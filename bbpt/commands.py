@@ -165,6 +165,14 @@ def cmd_studies(args) -> int:
             print(f"{r.name:32} {str(c.get('task') or c.get('data')):8} {c['optimizer']:18} {r.state:9} "
                   f"{calls:>5}/{c['budget']:<5} {dev:>7} {test:>7}")
         return 0
+    if args.action == "compact":
+        path = storage.file
+        before = path.stat().st_size if path else None
+        n = storage.compact()
+        size = f": {before / 2**20:.1f} MB -> {path.stat().st_size / 2**20:.1f} MB" if path else ""
+        print(f"dropped the optimizer state of {n} complete studies{size}; they can be reported, exported and "
+              "evaluated, not extended")
+        return 0
     row = storage.require_study(args.name)
     if args.action == "delete":
         storage.delete_study(args.name)

@@ -204,3 +204,30 @@ def test_export_of_a_baseline_arm_says_there_is_nothing_to_export(finished, tmp_
     err = capsys.readouterr().err
     assert "manual arm of a study spec: it tuned nothing" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_compact_keeps_the_report_and_refuses_to_extend(finished, tiny_model_dir, tmp_path, capsys):
+    spec = write_spec(tmp_path, tiny_model_dir)
+    url = db_url(spec)
+    (tmp_path / "results").mkdir()
+    src, dst = (sqlite3.connect(u.split("///", 1)[1]) for u in (finished.url, url))
+    src.backup(dst)         # a consistent copy of the finished database, WAL included
+    src.close(), dst.close()
+    assert main(["-q", "study", "report", str(spec)]) == 0
+    md = tmp_path / "results" / "tiny.md"
+    before, size = md.read_text(), Path(url.split("///", 1)[1]).stat().st_size
+
+    capsys.readouterr()
+    assert main(["studies", "compact", "--storage", url]) == 0
+    assert "dropped the optimizer state of 4 complete studies" in capsys.readouterr().out   # bp and cma × 2
+    assert rows(url, "SELECT COUNT(*) FROM checkpoints WHERE length(optimizer_state) > 0") == [(0,)]
+    assert Path(url.split("///", 1)[1]).stat().st_size <= size
+    assert main(["-q", "study", "report", str(spec)]) == 0
+    assert md.read_text() == before             # reports read trials, evaluations and summaries only
+
+    spec.write_text(spec.read_text().replace("budget = 8\n", "budget = 12\n"))
+    trials_before = rows(url, "SELECT COUNT(*) FROM trials")
+    assert main(["-q", "study", "run", str(spec), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "was compacted" in err and "cannot be raised from 8 to 12 calls" in err
+    assert rows(url, "SELECT COUNT(*) FROM trials") == trials_before

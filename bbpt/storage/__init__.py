@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, delete, event, inspect, select
+from sqlalchemy import create_engine, delete, event, func, inspect, select, update
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -67,6 +67,11 @@ class Storage:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._init_schema(create)
+
+    @property
+    def file(self) -> Path | None:
+        """The SQLite file behind the URL (None for a server database or an in-memory one)."""
+        return _sqlite_file(self.url)
 
     def _check_sqlite_path(self, create: bool) -> None:
         p = _sqlite_file(self.url)
@@ -175,6 +180,23 @@ class Storage:
             for table in tables:
                 s.execute(delete(table).where(table.study_id == row.id))
             s.execute(delete(StudyRow).where(StudyRow.id == row.id))
+
+    def compact(self) -> int:
+        """Drop the optimizer state of complete studies and give the space back; returns how many were dropped.
+
+        A finished CMA-ES study's checkpoint (its covariance matrix, ~4 MB at d = 500) is only needed to extend
+        its budget later; reports, exports and `bbpt eval` read trials, evaluations and summaries. This is what
+        makes a results database small enough to commit beside its report."""
+        with self._write() as s:
+            done = select(StudyRow.id).where(StudyRow.state == "complete")
+            n = s.execute(update(CheckpointRow).where(CheckpointRow.study_id.in_(done),
+                                                      func.length(CheckpointRow.optimizer_state) > 0)
+                          .values(optimizer_state=b"")).rowcount
+        if self.url.startswith("sqlite"):       # SQLite keeps freed pages in the file until VACUUM
+            with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                c.exec_driver_sql("VACUUM")
+                c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        return n
 
     # -- the loop's writes ----------------------------------------------------------------------------------
     def commit_generation(self, study_id: int, trials: list[dict], checkpoint: dict,
