@@ -152,6 +152,8 @@ def _describe(spec: StudySpec, arm: Arm) -> str:
         return f"{arm.demos_per_class} solved train example(s) per class before the manual prompt, no tuning"
     parts = [arm.optimizer, f"budget {cfg.budget} calls", f"{cfg.prompt_tokens} prompt tokens", f"init {cfg.init}",
              f"space {cfg.space}"]
+    if cfg.prompt_position:
+        parts.append(f"prompt {cfg.prompt_position}")
     if cfg.space == "projected":
         parts += [f"d {cfg.intrinsic_dim}", f"alpha {cfg.alpha:g}"]
     parts += [f"lr {cfg.lr:g}"] if arm.optimizer == "backprop" else [f"popsize {cfg.popsize}", f"sigma0 {cfg.sigma0:g}"]
@@ -160,7 +162,8 @@ def _describe(spec: StudySpec, arm: Arm) -> str:
 
 def _pm(values) -> str:
     v = 100 * np.asarray(values, dtype=float)
-    return f"{v.mean():.1f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.1f}"
+    # One seed has no spread to show; "± 0.0" would claim one.
+    return f"{v.mean():.1f} ± {v.std(ddof=1):.1f}" if len(v) > 1 else f"{v.mean():.1f} (one seed)"
 
 
 def _mean(values, fmt: str) -> str:
