@@ -276,7 +276,7 @@ def cmd_study(args) -> int:
         print(f"report written to {out}")
         return 0
     url = spec.storage_url(args.storage)
-    spec = spec.only(getattr(args, "arms", None), getattr(args, "seeds", None))
+    spec = spec.only(args.arms, args.seeds)
     if args.dry_run:
         return _study_plan(spec, url)
     from bbpt.studyspec import run_spec

@@ -74,7 +74,7 @@ class Storage:
         return _sqlite_file(self.url)
 
     def _check_sqlite_path(self, create: bool) -> None:
-        p = _sqlite_file(self.url)
+        p = self.file
         if p is None:
             return
         if p.exists():
