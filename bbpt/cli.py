@@ -260,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     for action, helptext in (("list", "one line per study"), ("show", "config, progress and results of one"),
                              ("delete", "remove a study and all its trials"),
-                             ("compact", "drop the optimizer state of complete studies (only needed to raise "
-                                         "their budget) and shrink the file: before committing results")):
+                             ("compact", "shrink complete studies to what reports and exports read (drops "
+                                         "optimizer state and unscored trials' parameters): before committing "
+                                         "results")):
         sp = ssub.add_parser(action, help=helptext)
         if action in ("show", "delete"):
             sp.add_argument("name")

@@ -168,10 +168,10 @@ def cmd_studies(args) -> int:
     if args.action == "compact":
         path = storage.file
         before = path.stat().st_size if path else None
-        n = storage.compact()
+        n, k = storage.compact()
         size = f": {before / 2**20:.1f} MB -> {path.stat().st_size / 2**20:.1f} MB" if path else ""
-        print(f"dropped the optimizer state of {n} complete studies{size}; they can be reported, exported and "
-              "evaluated, not extended")
+        print(f"dropped the optimizer state of {n} complete studies and the parameters of {k} unscored trials"
+              f"{size}; they can be reported, exported and evaluated, not extended")
         return 0
     row = storage.require_study(args.name)
     if args.action == "delete":

@@ -114,6 +114,9 @@ class Session:
 
     def trial_z(self, number: int) -> np.ndarray:
         row = self.storage.trial(self.study_id, number)
+        if not row.z:
+            raise StudyError(f"trial {number} of study {self.name!r} was compacted (`bbpt studies compact`): its "
+                             "parameters are gone; run the study under a new name to search again")
         return np.frombuffer(row.z, dtype="<f4").astype(np.float64)
 
     def progress_bar(self, total: int, initial: int, enabled: bool):

@@ -221,6 +221,11 @@ def test_compact_keeps_the_report_and_refuses_to_extend(finished, tiny_model_dir
     assert main(["studies", "compact", "--storage", url]) == 0
     assert "dropped the optimizer state of 4 complete studies" in capsys.readouterr().out   # bp and cma × 2
     assert rows(url, "SELECT COUNT(*) FROM checkpoints WHERE length(optimizer_state) > 0") == [(0,)]
+    # Unscored trials lose their parameters, keep their results; every prompt scored on dev keeps its z.
+    assert rows(url, "SELECT COUNT(*) FROM trials WHERE length(z) = 0")[0][0] > 0
+    assert rows(url, "SELECT COUNT(*) FROM trials WHERE loss IS NULL") == [(0,)]
+    assert rows(url, "SELECT COUNT(*) FROM evaluations e JOIN trials t ON t.study_id = e.study_id "
+                     "AND t.number = e.trial_number WHERE length(t.z) = 0") == [(0,)]
     assert Path(url.split("///", 1)[1]).stat().st_size <= size
     assert main(["-q", "study", "report", str(spec)]) == 0
     assert md.read_text() == before             # reports read trials, evaluations and summaries only
