@@ -113,6 +113,9 @@ storage), then report it as markdown tables and plots. A spec, annotated:
   budget = 300              # calls
   # storage = "sqlite:///my.db"   default: results/<name>.db in the spec's folder
 
+  # [task_settings.dbpedia] # settings for one task's studies only, e.g. fewer shots
+  # shots = 4               # where 14 classes make a call cost 14 x shots examples
+
   [[arms]]
   name = "manual"
   optimizer = "manual"      # the task's manual prompt, no tuning: the bar to clear

@@ -15,6 +15,7 @@ import pytest
 
 from bbpt.cli import main
 from bbpt.storage import Storage
+from bbpt.studyspec.spec import load_spec
 from study_helpers import cli, dump
 
 ARMS = {"manual": 0, "icl": 0, "bp": 3, "cma": 8}      # arm -> calls
@@ -167,12 +168,22 @@ def test_unknown_spec_key_exits_2_naming_it(tmp_path, tiny_model_dir):
     ("", "sigma0 = nan", "sigma0 nan is invalid"),
     ('reference = "manual"', "", "reference = 'manual' is not a tuned arm"),
     ("", 'optimizer = "adam"', None),          # TOML itself refuses a key given twice
+    ("[task_settings.yelp]\nshots = 2", "", "'yelp' is not in this spec's tasks ['sst2']"),
+    ("[task_settings.sst2]\nshotz = 2", "", "[task_settings.sst2]: unknown key 'shotz'"),
+    ("[task_settings.sst2]\nbudget = 4", "", "budget is also set by arm 'bp'; set it in one place"),
 ])
 def test_spec_mistakes_exit_2(tmp_path, tiny_model_dir, capsys, top, arm_extra, message):
     spec = write_spec(tmp_path, tiny_model_dir, top=top, arm_extra=arm_extra)
     assert main(["study", "run", str(spec)]) == 2
     err = capsys.readouterr().err
     assert (message or "is not valid TOML") in err and str(spec) in err
+
+
+def test_task_settings_apply_to_every_arm_of_that_task(tmp_path, tiny_model_dir):
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir, top="[task_settings.sst2]\nshots = 2\npopsize = 2"))
+    assert {p.config.shots for p in spec.plan} == {2}                   # baselines draw the same examples
+    assert {p.config.popsize for p in spec.plan if p.arm.tuned} == {2}
+    assert spec.task_settings == {"sst2": {"shots": 2, "popsize": 2}}
 
 
 def test_baseline_arm_rejects_tuning_keys(tmp_path, tiny_model_dir, capsys):

@@ -96,7 +96,11 @@ def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
     head = ["arm", "optimizer", "seeds", f"dev {name}", f"test {name}", "calls", "tokens", "seconds"]
     if target is not None:
         head.append(f"calls to reach dev {100 * target:.1f} ({spec.reference})")
-    lines = [f"## {task}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [f"## {task}", ""]
+    if spec.task_settings.get(task):
+        lines += ["Settings for this task: " + ", ".join(f"{k} = {v}" for k, v in spec.task_settings[task].items())
+                  + ".", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in spec.arms:
         got = cells.get((task, arm.name), [])
         row = [arm.name, arm.optimizer, f"{len(got)}/{len(spec.seeds)}"]

@@ -1,8 +1,10 @@
 """Study specs: a TOML file that declares a comparison (tasks × seeds × arms), parsed and validated once.
 
-Top-level keys are the spec's own (name, tasks, seeds, storage, runs_dir, reference, arms) plus any
-:class:`~bbpt.config.StudyConfig` setting, which becomes the default of every arm; an ``[[arms]]`` table names
-an optimizer and overrides any of those settings. Two arms tune nothing: ``manual`` scores the task's manual
+Top-level keys are the spec's own (name, tasks, seeds, storage, runs_dir, reference, arms, task_settings) plus
+any :class:`~bbpt.config.StudyConfig` setting, which becomes the default of every arm; an ``[[arms]]`` table
+names an optimizer and overrides any of those settings; a ``[task_settings.<task>]`` table overrides them for
+one task's studies (e.g. fewer shots where a task has many classes). A key set both by an arm and by a task is
+an error: which of the two should win is a question only the spec's author can answer. Two arms tune nothing: ``manual`` scores the task's manual
 prompt, ``icl`` the same prompt after in-context demonstrations drawn from the train split.
 
 Every (task, seed, arm) becomes one bbpt study named ``<spec>/<task>/<arm>/seed<k>`` whose StudyConfig is
@@ -34,7 +36,7 @@ BASELINES = ("manual", "icl")
 NOT_IN_SPEC = frozenset({"task", "seed", "version", "optimizer", "data", "test_data", "template", "labels",
                          "label_names", "text_field", "text_pair_field", "label_field"})
 SETTINGS = tuple(f.name for f in dataclasses.fields(StudyConfig) if f.name not in NOT_IN_SPEC)
-SPEC_KEYS = frozenset({"name", "tasks", "seeds", "storage", "runs_dir", "reference", "arms"})
+SPEC_KEYS = frozenset({"name", "tasks", "seeds", "storage", "runs_dir", "reference", "arms", "task_settings"})
 # Arms that tune nothing only need what decides the examples and how the model is reached.
 BASELINE_SETTINGS = frozenset({"shots", "max_test", "model", "backend", "endpoint", "device", "dtype"})
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")   # one path segment: names end up in folders
@@ -72,6 +74,7 @@ class StudySpec:
     seeds: list[int]
     arms: list[Arm]
     defaults: dict                       # top-level StudyConfig settings, as written
+    task_settings: dict = field(default_factory=dict)   # task -> the settings of its [task_settings.<task>]
     storage: str | None = None           # as written; None: results/<name>.db next to the spec
     runs_dir: str = "runs"
     reference: str | None = None         # the arm whose mean dev score the others race to
@@ -137,7 +140,9 @@ def load_spec(path: str | Path) -> StudySpec:
         raise ConfigError(f"{where}: seeds = {seeds!r} should be a list of distinct integers, e.g. seeds = [0, 1, 2]")
     defaults = {k: _typed(k, v, where) for k, v in raw.items() if k in SETTINGS}
     arms = _arms(raw.get("arms"), path)
+    task_settings = _task_settings(raw.get("task_settings", {}), tasks, arms, path)
     spec = StudySpec(path=path, name=name, tasks=tasks, seeds=seeds, arms=arms, defaults=defaults,
+                     task_settings=task_settings,
                      storage=_opt_str(raw, "storage", where), runs_dir=_opt_str(raw, "runs_dir", where) or "runs",
                      reference=_reference(raw, arms, where), sha256=hashlib.sha256(raw_bytes).hexdigest())
     spec.plan = _plan(spec)
@@ -173,6 +178,25 @@ def _arms(raw_arms, path: Path) -> list[Arm]:
     return arms
 
 
+def _task_settings(raw, tasks: list[str], arms: list[Arm], path: Path) -> dict[str, dict]:
+    where = f"{path} [task_settings]"
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError(f"{where}: should be one table per task, e.g.\n[task_settings.dbpedia]\nshots = 4")
+    out = {}
+    for task, table in raw.items():
+        here = f"{path} [task_settings.{task}]"
+        if task not in tasks:
+            raise ConfigError(f"{here}: {task!r} is not in this spec's tasks {tasks}; add it there or remove the table")
+        _check_keys(table, set(SETTINGS), here)
+        out[task] = {k: _typed(k, v, here) for k, v in table.items()}
+        for arm in arms:
+            both = sorted(set(out[task]) & set(arm.settings))
+            if both:
+                raise ConfigError(f"{here}: {both[0]} is also set by arm {arm.name!r}; set it in one place (or "
+                                  "give the task its own arm)")
+    return out
+
+
 def _reference(raw: dict, arms: list[Arm], where: str) -> str | None:
     """Default: the first backprop arm, so "calls to reach" reads as "calls to match gradient descent"."""
     ref = raw.get("reference")
@@ -191,7 +215,7 @@ def _plan(spec: StudySpec) -> list[Planned]:
     for seed in spec.seeds:
         for task in spec.tasks:
             for arm in spec.arms:
-                values = {**spec.defaults, **arm.settings}
+                values = {**spec.defaults, **spec.task_settings.get(task, {}), **arm.settings}
                 if arm.tuned:
                     values["optimizer"] = arm.optimizer
                 else:
