@@ -4,7 +4,8 @@ Heavy libraries (torch, transformers, cma, nevergrad) are imported lazily inside
 so importing :mod:`bbpt` and running ``bbpt --help`` stay instant.
 """
 
-from bbpt.errors import BackendError, BbptError, ConfigError, DataError, ObjectiveError, StorageError, StudyError
+from bbpt.errors import (BackendError, BbptError, ConfigError, DataError, ObjectiveError, OptimizerError,
+                         StorageError, StudyError)
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "ObjectiveError",
+    "OptimizerError",
     "StorageError",
     "StudyError",
     "__version__",

@@ -31,5 +31,9 @@ class StudyError(BbptError, ValueError):
     """A study cannot start or resume as asked (unknown name, config mismatch)."""
 
 
+class OptimizerError(BbptError, RuntimeError):
+    """The optimizer library failed to ask or tell (an internal error of Nevergrad or pycma)."""
+
+
 class ObjectiveError(BbptError, FloatingPointError):
     """A loss is not finite: NaN or inf came back from scoring."""

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from bbpt.errors import ConfigError
+from bbpt.errors import ConfigError, OptimizerError
 from bbpt.optimizers import OptimizerSettings, make_optimizer
 
 SPECS = ["cma", "random", "nevergrad:NGOpt", "nevergrad:TwoPointsDE", "backprop"]
@@ -54,3 +54,29 @@ def test_unknown_optimizer_names():
         make_optimizer("adam", settings())
     with pytest.raises(ConfigError, match="did you mean 'NGOpt'"):
         make_optimizer("nevergrad:ngopt", settings())
+
+
+def drive_wide(opt, generations, dim=500):
+    """A few generations on a 500-d quadratic, the size of bbpt's projected space."""
+    target = np.random.default_rng(0).normal(size=dim) * 0.3
+    for _ in range(generations):
+        zs = opt.ask()
+        opt.tell(zs, ((zs - target) ** 2).sum(1))
+
+
+def test_ngopt_with_a_popsize_its_cma_es_does_not_use_fails_with_the_fix_named():
+    # At d = 500 NGOpt runs CMA-ES with a population of 4 + 3 ln 500 = 22; batches of 20 straddle its
+    # generations and pycma raises from deep inside (the SST-2 study's ngopt arm died this way).
+    opt = make_optimizer("nevergrad:NGOpt", settings(dim=500, x0=np.zeros(500), budget=300, popsize=20, sigma0=1.0))
+    with pytest.raises(OptimizerError, match=r"nevergrad:NGOpt failed to ask for 20 candidates: .*use --popsize 22"):
+        drive_wide(opt, 15)
+
+
+def test_ngopt_with_its_own_population_runs_clean():
+    import warnings
+
+    opt = make_optimizer("nevergrad:NGOpt", settings(dim=500, x0=np.zeros(500), budget=308, popsize=22, sigma0=1.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drive_wide(opt, 14)
+    assert not [w for w in caught if "TPA" in str(w.message)]     # pycma's step-size adaptation saw whole generations

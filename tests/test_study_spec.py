@@ -247,3 +247,29 @@ def test_compact_keeps_the_report_and_refuses_to_extend(finished, tiny_model_dir
     err = capsys.readouterr().err
     assert "was compacted" in err and "cannot be raised from 8 to 12 calls" in err
     assert rows(url, "SELECT COUNT(*) FROM trials") == trials_before
+
+
+def test_a_study_whose_optimizer_breaks_is_marked_failed_and_the_others_run(tmp_path, tiny_model_dir, monkeypatch,
+                                                                             capsys, caplog):
+    from bbpt.errors import OptimizerError
+    from bbpt.optimizers.cma_es import CMAES
+
+    real, asks = CMAES.ask, []
+
+    def breaks_on_second_generation(self):
+        asks.append(1)
+        if len(asks) == 2:
+            raise OptimizerError("cma failed to ask for 4 candidates (simulated library failure)")
+        return real(self)
+
+    monkeypatch.setattr(CMAES, "ask", breaks_on_second_generation)
+    spec = write_spec(tmp_path, tiny_model_dir)
+    caplog.set_level(logging.INFO, logger="bbpt.studyspec.runner")
+    assert main(["-q", "study", "run", str(spec), "--no-progress", "--seeds", "0"]) == 1
+    assert "tiny/sst2/cma/seed0 failed: cma failed to ask" in caplog.text
+    assert "1 studies failed: tiny/sst2/cma/seed0" in capsys.readouterr().err
+    url = db_url(spec)
+    assert dict(rows(url, "SELECT name, state FROM studies")) == {
+        "tiny/sst2/manual/seed0": "complete", "tiny/sst2/icl/seed0": "complete", "tiny/sst2/bp/seed0": "complete",
+        "tiny/sst2/cma/seed0": "failed"}
+    assert len(trials(url, "tiny/sst2/cma/seed0")) == 4          # the generation before the failure is kept

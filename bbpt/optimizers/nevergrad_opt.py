@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
-from bbpt.errors import ConfigError
+from bbpt.errors import ConfigError, OptimizerError
 from bbpt.optimizers._base import OptimizerSettings, PickledState
 
 
@@ -27,17 +29,36 @@ class NevergradOptimizer(PickledState):
         param = ng.p.Array(init=np.asarray(s.x0, dtype=float)).set_mutation(sigma=s.sigma0)
         param.random_state = np.random.RandomState(s.seed)
         self.opt = ng.optimizers.registry[name](parametrization=param, budget=s.budget, num_workers=s.popsize)
-        self.popsize = s.popsize
+        self.name, self.dim, self.popsize = name, s.dim, s.popsize
         self.pending: list = []
 
     def ask(self) -> np.ndarray:
-        self.pending = [self.opt.ask() for _ in range(self.popsize)]
+        with self._library_errors("ask for"):
+            self.pending = [self.opt.ask() for _ in range(self.popsize)]
         return np.stack([c.value for c in self.pending])
 
     def tell(self, zs, losses, grads=None) -> None:
-        for cand, loss in zip(self.pending, losses):
-            self.opt.tell(cand, float(loss))
+        with self._library_errors("tell the losses of"):
+            for cand, loss in zip(self.pending, losses):
+                self.opt.tell(cand, float(loss))
         self.pending = []
+
+    @contextmanager
+    def _library_errors(self, what: str):
+        """Nevergrad asks in batches of num_workers = popsize, but the CMA-ES it runs inside NGOpt and others
+        keeps its own population, max(popsize, 4 + 3 ln d); when the two differ, a batch straddles two of its
+        generations and pycma's two-point step-size adaptation fails ("Mean shift samples are expected but
+        missing", nevergrad issues #1508 and #1593). Say so, instead of a traceback from inside the library."""
+        try:
+            yield
+        except (RuntimeError, AssertionError) as e:
+            cma_pop = 4 + int(3 * np.log(self.dim))
+            raise OptimizerError(
+                f"nevergrad:{self.name} failed to {what} {self.popsize} candidates: {str(e).splitlines()[0]}. "
+                f"If it runs CMA-ES inside (NGOpt does at this size), that CMA-ES uses a population of "
+                f"max(popsize, 4 + 3 ln d) = {max(self.popsize, cma_pop)} at d = {self.dim}, and a --popsize "
+                f"that differs breaks it: use --popsize {max(self.popsize, cma_pop)} (a budget that is a multiple "
+                "of it), or --optimizer cma") from e
 
     def stop(self) -> dict:
         return {}

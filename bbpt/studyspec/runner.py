@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from bbpt.config import StudyConfig
-from bbpt.errors import ObjectiveError, StudyError
+from bbpt.errors import ObjectiveError, OptimizerError, StudyError
 from bbpt.storage import Storage
 from bbpt.studyspec.spec import Planned, StudySpec
 
@@ -83,7 +83,7 @@ def run_spec(spec: StudySpec, *, storage_url: str | None = None, progress: bool 
         start, before = time.perf_counter(), _scoring_seconds(storage, p)
         try:
             summary = _run_one(p, storage, backend, spec.runs_dir, progress)
-        except ObjectiveError as e:     # a diverged search: record it and go on with the other studies
+        except (ObjectiveError, OptimizerError) as e:   # a diverged or broken search: record it, do the others
             log.error("%s failed: %s", tag, e)
             storage.update_study(p.name, state="failed")
             failed.append(p.name)
