@@ -4,8 +4,9 @@ Top-level keys are the spec's own (name, tasks, seeds, storage, runs_dir, refere
 any :class:`~bbpt.config.StudyConfig` setting, which becomes the default of every arm; an ``[[arms]]`` table
 names an optimizer and overrides any of those settings; a ``[task_settings.<task>]`` table overrides them for
 one task's studies (e.g. fewer shots where a task has many classes). A key set both by an arm and by a task is
-an error: which of the two should win is a question only the spec's author can answer. Two arms tune nothing: ``manual`` scores the task's manual
-prompt, ``icl`` the same prompt after in-context demonstrations drawn from the train split.
+an error: which of the two should win is a question only the spec's author can answer. Two arms tune
+nothing: ``manual`` scores the task's manual prompt, ``icl`` the same prompt after in-context demonstrations
+drawn from the train split.
 
 Every (task, seed, arm) becomes one bbpt study named ``<spec>/<task>/<arm>/seed<k>`` whose StudyConfig is
 built here, so a typo or an invalid value fails before anything runs or is written.
