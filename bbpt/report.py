@@ -138,7 +138,10 @@ def band_figure(arms: list[tuple[str, list[StudyReport]]], *, levels: list[tuple
             continue
         for ax, attr in zip(axes, ("dev_calls", "dev_seconds")):
             xs = [getattr(r, attr) for r in reports]
+            # Start where every seed has its first dev score: a mean over the seeds that happen to have one
+            # would drop when a slower seed joins, drawing a best-so-far curve that goes down.
             grid = np.unique(np.concatenate(xs))
+            grid = grid[grid >= max(x[0] for x in xs)]
             ys = np.array([_read_steps(x, r.best_dev, grid) for x, r in zip(xs, reports)])
             ax.step(grid, np.nanmean(ys, 0), where="post", color=f"C{i % 10}", label=f"{label} ({len(reports)})")
             ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), step="post", color=f"C{i % 10}", alpha=0.2,

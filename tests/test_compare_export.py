@@ -11,7 +11,7 @@ import pytest
 
 from bbpt.cli import main
 from bbpt.prompt import SavedPrompt
-from bbpt.report import figure, gather
+from bbpt.report import StudyReport, band_figure, figure, gather
 from bbpt.storage import Storage
 from study_helpers import copy_db, finished_db  # noqa: F401
 
@@ -37,6 +37,20 @@ def test_reach_is_the_first_dev_evaluation_at_the_target(finished_db):
     first = r.best_dev[0]
     assert r.reach(first) == (r.dev_calls[0], r.dev_seconds[0])
     assert r.reach(r.best_dev[-1] + 1e-9) is None
+
+
+def test_band_mean_starts_where_every_seed_has_a_dev_score():
+    def seed(dev_seconds, best_dev):
+        e = np.array([])
+        return StudyReport("s", "cma", "complete", e, e, e, 0, np.array([10.0, 20.0]), np.asarray(dev_seconds, float),
+                           np.asarray(best_dev, float), None, None)
+
+    # The slow seed's first score (0.70 at 50 s) is below the fast seed's (0.90 at 5 s): a mean over whichever
+    # seeds have a score would fall from 0.90 to 0.80 at 50 s.
+    fig = band_figure([("cma", [seed([5, 60], [0.9, 0.9]), seed([50, 100], [0.7, 0.8])])])
+    x, y = fig.axes[1].lines[0].get_data()
+    assert x[0] == 50 and np.all(np.diff(y) >= 0)
+    np.testing.assert_allclose(y, [0.8, 0.8, 0.85])
 
 
 def test_compare_prints_a_table_and_plots_four_panels(finished_db, tmp_path, capsys):
