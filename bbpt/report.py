@@ -130,7 +130,7 @@ def band_figure(arms: list[tuple[str, list[StudyReport]]], *, levels: list[tuple
     with no search (a manual prompt), drawn as flat dashed lines at their mean dev score."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    fig = Figure(figsize=(12.5, 4.5), layout="constrained")
     axes = fig.subplots(1, 2)
     for i, (label, reports) in enumerate(arms):
         reports = [r for r in reports if len(r.best_dev)]
@@ -144,8 +144,8 @@ def band_figure(arms: list[tuple[str, list[StudyReport]]], *, levels: list[tuple
             grid = grid[grid >= max(x[0] for x in xs)]
             ys = np.array([_read_steps(x, r.best_dev, grid) for x, r in zip(xs, reports)])
             ax.step(grid, np.nanmean(ys, 0), where="post", color=f"C{i % 10}", label=f"{label} ({len(reports)})")
-            ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), step="post", color=f"C{i % 10}", alpha=0.2,
-                            linewidth=0)
+            ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), step="post", color=f"C{i % 10}",
+                            alpha=0.12, linewidth=0)
     for k, (label, value) in enumerate(levels):
         for ax in axes:
             ax.axhline(value, color=f"C{(len(arms) + k) % 10}", linestyle="--", linewidth=1, label=label)
@@ -154,6 +154,9 @@ def band_figure(arms: list[tuple[str, list[StudyReport]]], *, levels: list[tuple
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"best dev {metric} so far")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize="small", title="arm (seeds): mean, min-max", title_fontsize="small")
+    # Beside the panels, not on them: with eight arms a legend inside hides the curves.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize="small", title="arm (seeds):\nmean, min-max",
+               title_fontsize="small")
     fig.suptitle(title)
     return fig
