@@ -52,13 +52,12 @@ class NevergradOptimizer(PickledState):
         try:
             yield
         except (RuntimeError, AssertionError) as e:
-            cma_pop = 4 + int(3 * np.log(self.dim))
+            pop = max(self.popsize, 4 + int(3 * np.log(self.dim)))
             raise OptimizerError(
-                f"nevergrad:{self.name} failed to {what} {self.popsize} candidates: {str(e).splitlines()[0]}. "
-                f"If it runs CMA-ES inside (NGOpt does at this size), that CMA-ES uses a population of "
-                f"max(popsize, 4 + 3 ln d) = {max(self.popsize, cma_pop)} at d = {self.dim}, and a --popsize "
-                f"that differs breaks it: use --popsize {max(self.popsize, cma_pop)} (a budget that is a multiple "
-                "of it), or --optimizer cma") from e
+                f"nevergrad:{self.name} failed to {what} {self.popsize} candidates ({str(e).splitlines()[0]}). "
+                f"If it runs CMA-ES inside, as NGOpt does at this size, that CMA-ES uses a population of "
+                f"max(popsize, 4 + 3 ln d) = {pop} at d = {self.dim}, and a --popsize that differs breaks it: use "
+                f"--popsize {pop} with a budget that is a multiple of {pop}, or --optimizer cma") from e
 
     def stop(self) -> dict:
         return {}
