@@ -68,9 +68,13 @@ def test_ngopt_with_a_popsize_its_cma_es_does_not_use_fails_with_the_fix_named()
     # At d = 500 NGOpt runs CMA-ES with a population of 4 + 3 ln 500 = 22; batches of 20 straddle its
     # generations and pycma raises from deep inside (the SST-2 study's ngopt arm died this way).
     opt = make_optimizer("nevergrad:NGOpt", settings(dim=500, x0=np.zeros(500), budget=300, popsize=20, sigma0=1.0))
-    with pytest.raises(OptimizerError, match=r"nevergrad:NGOpt failed to ask for 20 candidates \(Mean shift.*"
-                                             r"use --popsize 22 with a budget that is a multiple of 22"):
+    try:
         drive_wide(opt, 15)
+    except OptimizerError as e:
+        assert "nevergrad:NGOpt failed to ask for 20 candidates (Mean shift" in str(e)
+        assert "use --popsize 22 with a budget that is a multiple of 22" in str(e)
+    else:   # nevergrad and cma are not pinned: say so if a newer release stops failing here
+        pytest.skip("this nevergrad/pycma no longer fails with batches of 20 at d = 500 (fixed upstream?)")
 
 
 def test_ngopt_with_its_own_population_runs_clean():
