@@ -1,6 +1,6 @@
 """Local backend: a transformers causal LM on CPU or CUDA, with gradients for backprop.
 
-The prompt enters through ``inputs_embeds`` and reused keys/values through ``past_key_values`` (no model
+The prompt enters through ``inputs_embeds`` and reused keys/values through the model's cache argument (no model
 code is forked or patched), so any causal LM that transformers loads works. Every score equals the unpadded
 one-example reference: sequences are left-padded with explicit position ids, and only the last position
 reaches the LM head (``logits_to_keep=1``). The head still spans the whole vocabulary there, because a label

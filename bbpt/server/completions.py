@@ -77,6 +77,8 @@ def generate(backend, embeds: list, texts: list[str], req: CompletionRequest, li
 
 def _decode(backend, x, req: CompletionRequest, gen) -> list[dict]:
     """Token-by-token decoding with a KV cache for one batch of equal-length prompts."""
+    from adapters._kv import cache_kwargs, returned_cache
+
     torch = backend.torch
     n, max_new = x.shape[0], req.max_tokens if req.max_tokens is not None else 16
     stop = _stop_ids(backend)
@@ -85,7 +87,7 @@ def _decode(backend, x, req: CompletionRequest, gen) -> list[dict]:
     mask = torch.ones(n, x.shape[1], dtype=torch.long, device=backend.device)
     past, cur = None, x
     for _ in range(max_new):
-        o = backend.model(inputs_embeds=cur, attention_mask=mask, past_key_values=past, use_cache=True,
+        o = backend.model(inputs_embeds=cur, attention_mask=mask, **cache_kwargs(backend.model, past), use_cache=True,
                           logits_to_keep=1)
         lp = torch.log_softmax(o.logits[:, -1].float(), dim=-1)
         if req.temperature == 0:
@@ -106,7 +108,7 @@ def _decode(backend, x, req: CompletionRequest, gen) -> list[dict]:
                 done[r] = True
         if done.all():
             break
-        past, cur = o.past_key_values, backend.embedding(nxt).unsqueeze(1)
+        past, cur = returned_cache(o), backend.embedding(nxt).unsqueeze(1)
         mask = torch.cat([mask, mask.new_ones(n, 1)], dim=1)
     return rows
 
