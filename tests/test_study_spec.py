@@ -86,7 +86,7 @@ def finished(tmp_path_factory, tiny_model_dir):
 
 
 def test_interrupted_run_resumes_to_what_an_uninterrupted_run_stores(tmp_path, tiny_model_dir, finished,
-                                                                     monkeypatch, caplog):
+                                                                     monkeypatch, caplog, capsys):
     spec = write_spec(tmp_path, tiny_model_dir)
     real = Storage.commit_generation
     commits = []
@@ -103,6 +103,11 @@ def test_interrupted_run_resumes_to_what_an_uninterrupted_run_stores(tmp_path, t
     states = dict(rows(url, "SELECT name, state FROM studies"))
     assert states == {STUDIES[0]: "complete", STUDIES[1]: "complete", STUDIES[2]: "running"}
     assert len(trials(url, STUDIES[2])) == 2
+    capsys.readouterr()
+    assert main(["-q", "study", "run", str(spec), "--dry-run"]) == 0
+    listing = capsys.readouterr().out     # seed 1 of manual and icl go by seed 0's time; the rest have none
+    assert "done: 2 studies" in listing and "left: 6 studies, about " in listing, listing
+    assert "(4 with none complete to go by)" in listing, listing
 
     monkeypatch.setattr(Storage, "commit_generation", real)
     caplog.set_level(logging.INFO, logger="bbpt.studyspec.runner")
@@ -152,6 +157,18 @@ def test_report_has_a_row_per_arm_and_is_rebuilt_identically(finished, capsys):
     assert main(["-q", "study", "run", str(finished.spec), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert all(f"{name} " in listing for name in STUDIES) and listing.count("complete") == len(STUDIES)
+
+
+def test_time_left_goes_by_complete_studies_of_the_same_task_and_arm(tmp_path, tiny_model_dir):
+    from bbpt.studyspec.runner import Status, time_left
+
+    plan = {p.name: p for p in load_spec(write_spec(tmp_path, tiny_model_dir)).plan}
+    s = lambda name, *a: Status(plan[f"tiny/sst2/{name}"], *a)
+    states = [s("cma/seed0", "complete", 8, [], 8, 100.0), s("cma/seed1", "running", 2, [], 8),
+              s("bp/seed0", "complete", 3, [], 3, 10.0), s("bp/seed1", "complete", 3, [], 3, 500.0),
+              s("icl/seed0", "new", 0, []), s("manual/seed0", "new", 0, [])]
+    # cma/seed1 has spent a quarter of its budget; icl and manual have no complete study to go by.
+    assert time_left(states) == [0.0, 75.0, 0.0, 0.0, None, None]
 
 
 def test_unknown_spec_key_exits_2_naming_it(tmp_path, tiny_model_dir):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from bbpt.studyspec.spec import Arm, Planned, StudySpec, load_spec, study_name
 
-__all__ = ["Arm", "Planned", "StudySpec", "load_spec", "run_spec", "status", "study_name", "write_report"]
+__all__ = ["Arm", "Planned", "StudySpec", "load_spec", "run_spec", "status", "study_name", "time_left", "write_report"]
 
 
 def run_spec(spec: StudySpec, **kw) -> list[str]:
@@ -21,6 +21,12 @@ def status(spec: StudySpec, storage):
     from bbpt.studyspec.runner import status as _status
 
     return _status(spec, storage)
+
+
+def time_left(plan) -> list:
+    from bbpt.studyspec.runner import time_left as _left
+
+    return _left(plan)
 
 
 def write_report(spec: StudySpec, **kw):

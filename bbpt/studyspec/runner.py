@@ -29,6 +29,7 @@ class Status:
     calls: int
     stale: list[str]    # settings that differ between the stored study and the spec
     budget: int | None = None   # the stored one
+    seconds: float | None = None    # wall time of a complete study, as its summary recorded it
 
 
 def status(spec: StudySpec, storage: Storage) -> list[Status]:
@@ -47,7 +48,35 @@ def status(spec: StudySpec, storage: Storage) -> list[Status]:
         else:   # budget is not among these: a complete study resumes with a larger one, or stops early
             stale = StudyConfig.from_dict(row.config).differences(p.config)
         ck = storage.last_checkpoint(row.id)
-        out.append(Status(p, row.state, ck.loop_state["calls"] if ck else 0, stale, row.config.get("budget")))
+        out.append(Status(p, row.state, ck.loop_state["calls"] if ck else 0, stale, row.config.get("budget"),
+                          (row.summary or {}).get("wall_seconds") if row.state == "complete" else None))
+    return out
+
+
+def time_left(plan: list[Status]) -> list[float | None]:
+    """Seconds each study still needs, judged by the complete studies of the same task and arm (0 for a
+    complete one, None where there is none to go by).
+
+    The median, not the mean, because one study run while something else shared the cores must not inflate
+    every estimate; a partly run study needs the share of its budget it has not spent.
+    """
+    import statistics
+
+    done: dict[tuple, list[float]] = {}
+    for s in plan:
+        if s.seconds is not None:
+            done.setdefault((s.study.task, s.study.arm.name), []).append(s.seconds)
+    out = []
+    for s in plan:
+        seen = done.get((s.study.task, s.study.arm.name))
+        if s.state == "complete":
+            out.append(0.0)
+        elif not seen:
+            out.append(None)
+        else:
+            budget = s.study.config.budget if s.study.arm.tuned else 0
+            left = 1 - min(s.calls / budget, 1) if budget else 1
+            out.append(statistics.median(seen) * left)
     return out
 
 
