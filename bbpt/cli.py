@@ -164,8 +164,9 @@ def _add_study_parser(sub) -> None:
                          "settings differ from the spec's stops the run with a message saying what to do.")
     sp.add_argument("spec", metavar="SPEC.toml", help="the study spec, e.g. studies/sst2_gradient_vs_dfo.toml")
     sp.add_argument("--storage", help="SQLAlchemy URL to use instead of the spec's storage")
-    sp.add_argument("--dry-run", action="store_true", help="list every study and its state (new, calls done, "
-                                                           "complete); run nothing")
+    sp.add_argument("--dry-run", action="store_true", help="list every study, its state (new, calls done, "
+                                                           "complete) and time, with an estimate of the time left "
+                                                           "from the complete ones; run nothing")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar (the per-study log lines remain)")
     sp.add_argument("--arms", type=_names, metavar="A,B", help="run only these arms (comma-separated), e.g. the "
                     "two a question needs first; the others stay for a later run into the same storage")
