@@ -296,6 +296,7 @@ def _study_plan(spec, url: str) -> int:
     from bbpt.errors import StorageError
     from bbpt.storage import Storage
     from bbpt.studyspec import status, time_left
+    from bbpt.studyspec.runner import duration
 
     try:
         states = status(spec, Storage(url, create=False))
@@ -308,22 +309,17 @@ def _study_plan(spec, url: str) -> int:
         s = states[i] if states else None
         state = s.state if s else "new"
         budget = p.config.budget if p.arm.tuned else 0
-        took = (_duration(s.seconds) if s and s.seconds is not None
-                else "~" + _duration(left[i]) if left[i] else "?")
+        took = duration(s.seconds) if s and s.seconds is not None else "~" + duration(left[i]) if left[i] else "?"
         note = f"  stored settings differ: {', '.join(s.stale)}" if s and s.stale and s.state != "new" else ""
         print(f"{p.name:{w}} {state:9} {s.calls if s else 0:>5}/{budget:<5} {took:>8}{note}")
     done = [s.seconds for s in states or [] if s.seconds is not None]
     todo = [t for s, t in zip(states or [None] * len(spec.plan), left) if not s or s.state != "complete"]
     known = [t for t in todo if t is not None]
-    print(f"done: {len(done)} studies, {sum(done) / 3600:.1f} h measured; left: {len(todo)} studies"
-          + (f", about {sum(known) / 3600:.1f} h by the median time of complete studies of the same task and arm"
+    print(f"done: {len(done)} studies, {duration(sum(done))} measured; left: {len(todo)} studies"
+          + (f", about {duration(sum(known))} by the median time of complete studies of the same task and arm"
              if known else "")
           + (f" ({len(todo) - len(known)} with none complete to go by)" if len(known) < len(todo) else ""))
     return 0
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def cmd_optimizers(args) -> int:

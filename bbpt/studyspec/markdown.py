@@ -15,6 +15,7 @@ import bbpt
 from bbpt.errors import StorageError
 from bbpt.report import StudyReport, band_figure, gather
 from bbpt.storage import Storage
+from bbpt.studyspec.runner import duration
 from bbpt.studyspec.spec import Arm, StudySpec
 
 LEGEND = """\
@@ -81,8 +82,8 @@ def _header(spec: StudySpec, storage_url, spec_arg, rows, cells) -> list[str]:
         lines.append(f"- machine: {m}")
     wall = sum(s.get("wall_seconds", s["seconds"]) for s in summaries)
     scoring = sum(float(r.seconds[-1]) for r in reports if len(r.seconds))
-    lines += [f"- total time: {_duration(wall)} of study wall time (summed over studies), of which "
-              f"{_duration(scoring)} scoring calls of the searches", ""]
+    lines += [f"- total time: {duration(wall)} of study wall time (summed over studies), of which "
+              f"{duration(scoring)} scoring calls of the searches", ""]
     return lines
 
 
@@ -179,10 +180,3 @@ def _reach(reports, target: float) -> str:
     n = f"({len(hits)}/{len(reports)})"
     return f"{np.mean([h[0] for h in hits]):,.0f} {n}" if hits else f"never {n}"
 
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"

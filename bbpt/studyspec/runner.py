@@ -142,6 +142,15 @@ def _scoring_seconds(storage: Storage, p: Planned) -> float:
     return float(ck.loop_state["seconds"]) if ck else 0.0
 
 
+def duration(seconds: float) -> str:
+    """Seconds as a person reads them: 74.0 s, 12.5 min, 3.8 h."""
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def machine(backend) -> str:
     """Where the numbers came from: OS, CPU, core count, and the backend's device and thread count."""
     cpu = platform.processor() or platform.machine()
