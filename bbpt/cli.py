@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                              ("compact", "shrink complete studies to what reports and exports read (drops "
                                          "optimizer state and unscored trials' parameters): before committing "
                                          "results")):
-        sp = ssub.add_parser(action, help=helptext)
+        sp = ssub.add_parser(action, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         if action in ("show", "delete"):
             sp.add_argument("name")
         if action == "show":
