@@ -359,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bbpt: interrupted; every finished generation is stored; run the same command to resume",
               file=sys.stderr)
         return 130
+    except BrokenPipeError:     # `bbpt trials ... | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # so the exit flush cannot fail again
+        return 141
 
 
 if __name__ == "__main__":

@@ -26,6 +26,21 @@ def test_help_does_not_import_heavy_libraries():
         assert flag in helptext
 
 
+def test_output_piped_into_a_reader_that_left_ends_quietly():
+    # `bbpt optimizers | head -1`: the reader is gone before the listing (more than stdout's buffer) is out.
+    import os
+
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        p = subprocess.run([sys.executable, "-m", "bbpt.cli", "optimizers"], stdout=w, stderr=subprocess.PIPE,
+                           text=True)
+    finally:
+        os.close(w)
+    assert p.returncode == 141, p.stderr
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("optimizer,extra", [("cma", ["--popsize", "4", "--budget", "8"]),
                                              ("backprop", ["--budget", "3"]),
                                              ("nevergrad:NGOpt", ["--popsize", "4", "--budget", "8"]),
