@@ -57,6 +57,9 @@ def _add_task_args(p: argparse.ArgumentParser, default_task: str | None = "sst2"
     g.add_argument("--label-field", default="label", help="field holding the label (index or name)")
     g.add_argument("--shots", type=int, default=16, help="examples per class for train, and again for dev "
                                                          "(default 16, BBT's protocol)")
+    g.add_argument("--dev-shots", type=int, help="examples per class for dev, if not --shots: more makes the "
+                                                 "choice of prompt less noisy (32 dev examples put 3 points on "
+                                                 "each one) for more dev scoring time; train stays the same")
     g.add_argument("--max-test", type=int, help="score only the first N test examples (quick looks)")
     g.add_argument("--seed", type=int, default=0, help="seeds the few-shot split, projection and optimizer")
 

@@ -28,6 +28,7 @@ class StudyConfig:
     text_pair_field: str | None = None
     label_field: str = "label"
     shots: int = 16
+    dev_shots: int | None = None        # None: as many as shots (BBT's protocol)
     max_test: int | None = None
     seed: int = 0
     # which model, reached how
@@ -80,6 +81,7 @@ class StudyConfig:
             (self.budget >= 1, "budget", "at least 1 call"),
             (self.popsize >= 2 or self.optimizer == "backprop", "popsize", "at least 2"),
             (self.shots >= 1, "shots", "at least 1 example per class"),
+            (self.dev_shots is None or self.dev_shots >= 1, "dev_shots", "at least 1 example per class"),
             (self.intrinsic_dim >= 1, "intrinsic_dim", "at least 1"),
             (math.isfinite(self.sigma0) and self.sigma0 > 0, "sigma0", "a positive number"),
             (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),

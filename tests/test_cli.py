@@ -69,6 +69,20 @@ def test_custom_data_file(tiny_model_dir, storage_url, tmp_path, sst2_jsonl, cap
     assert rc == 0 and json.loads(capsys.readouterr().out)["task"] == "my"
 
 
+def test_dev_shots_sets_the_dev_set_selection_and_eval_use(tiny_model_dir, storage_url, tmp_path, capsys):
+    rc = main(["-q", "optimize", "--model", tiny_model_dir, "--task", "sst2", "--shots", "2", "--dev-shots", "6",
+               "--max-test", "8", "--optimizer", "random", "--popsize", "2", "--budget", "4", "--prompt-tokens", "2",
+               "--intrinsic-dim", "4", "--storage", storage_url, "--runs-dir", str(tmp_path), "--json",
+               "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert main(["-q", "eval", "--prompt", summary["prompt_path"], "--split", "dev", "--json"]) == 0
+    dev = json.loads(capsys.readouterr().out)
+    assert dev["examples"] == 2 * 6 and dev["accuracy"] == pytest.approx(summary["dev"])
+    assert main(["-q", "eval", "--prompt", summary["prompt_path"], "--split", "train", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 2 * 2
+
+
 @pytest.mark.parametrize("args,message", [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--prompt-tokens", "0"], "--prompt-tokens 0 is invalid"),
@@ -76,6 +90,7 @@ def test_custom_data_file(tiny_model_dir, storage_url, tmp_path, sst2_jsonl, cap
     (["--optimizer", "adam"], "unknown --optimizer 'adam'"),
     (["--labels", " good", " goodish"], "start with the same token"),
     (["--sigma0", "nan"], "--sigma0 nan is invalid"),
+    (["--dev-shots", "0"], "--dev-shots 0 is invalid"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tiny_model_dir, storage_url, tmp_path, args, message):
     r = run_cli("optimize", "--model", tiny_model_dir, "--storage", storage_url, "--budget", "4",

@@ -171,6 +171,14 @@ def test_time_left_goes_by_complete_studies_of_the_same_task_and_arm(tmp_path, t
     assert time_left(states) == [0.0, 75.0, 0.0, 0.0, None, None]
 
 
+def test_a_larger_dev_set_reaches_every_arm_baselines_included(tmp_path, tiny_model_dir):
+    from bbpt.studyspec.markdown import _shots
+
+    plan = load_spec(write_spec(tmp_path, tiny_model_dir, top="dev_shots = 8")).plan
+    assert {p.config.dev_shots for p in plan} == {8} and {p.config.shots for p in plan} == {4}
+    assert _shots(plan[0].config) == "4 examples per class in train, 8 in dev"
+
+
 def test_unknown_spec_key_exits_2_naming_it(tmp_path, tiny_model_dir):
     spec = write_spec(tmp_path, tiny_model_dir, arm_extra="sigma = 0.5")
     r = cli(["study", "run", str(spec)], tmp_path)

@@ -24,6 +24,16 @@ def test_split_is_deterministic_by_seed():
     assert a.train != c.train
 
 
+def test_a_larger_dev_set_leaves_train_as_it_was():
+    base = load_task(task="sst2", shots=16, seed=2)
+    big = load_task(task="sst2", shots=16, seed=2, dev_shots=64)
+    assert big.train == base.train
+    assert len(big.dev) == 2 * 64 and {e.label for e in big.dev} == {0, 1}
+    assert sum(e.label for e in big.dev) == 64
+    assert not {e.text for e in big.train} & {e.text for e in big.dev}
+    assert {e.text for e in base.dev} <= {e.text for e in big.dev}     # the larger set extends the smaller one
+
+
 def test_template_errors_name_the_value():
     with pytest.raises(ConfigError, match=r"no \{text\}"):
         Template("Sentiment:")
@@ -69,5 +79,9 @@ def test_empty_and_malformed_files(tmp_path):
 def test_unknown_task_and_too_few_examples(sst2_jsonl):
     with pytest.raises(ConfigError, match="unknown task 'sst3'"):
         load_task(task="sst3")
-    with pytest.raises(DataError, match="--shots 30 needs 60"):
+    with pytest.raises(DataError, match="--shots 30 and --dev-shots 30 need 60"):
         load_task(data=str(sst2_jsonl), template="{text}", labels=[" a", " b"], shots=30)
+    with pytest.raises(DataError, match="--shots 4 and --dev-shots 100 need 104 .*lower them"):
+        load_task(data=str(sst2_jsonl), template="{text}", labels=[" a", " b"], shots=4, dev_shots=100)
+    with pytest.raises(ConfigError, match="--dev-shots must be at least 1, got 0"):
+        load_task(task="sst2", dev_shots=0)

@@ -72,7 +72,7 @@ def _header(spec: StudySpec, storage_url, spec_arg, rows, cells) -> list[str]:
              f"- report written by bbpt {bbpt.__version__}; studies run by bbpt "
              f"{', '.join(sorted({r.bbpt_version for r in done})) or '-'}",
              f"- model: `{spec.plan[0].config.model}`; seeds: {', '.join(map(str, spec.seeds))}; "
-             f"{spec.plan[0].config.shots} examples per class in train and in dev",
+             + _shots(spec.plan[0].config),
              f"- studies: {len(done)}/{len(spec.plan)} complete"]
     if done:
         first = min(r.created for r in done).strftime("%Y-%m-%d %H:%M")
@@ -146,6 +146,12 @@ def _overview(spec: StudySpec, cells) -> list[str]:
         row.append(f"{100 * np.mean(means):.1f}" if len(means) == len(spec.tasks) else "-")
         lines.append("| " + " | ".join(row) + " |")
     return lines + [""]
+
+
+def _shots(cfg) -> str:
+    if cfg.dev_shots is None or cfg.dev_shots == cfg.shots:
+        return f"{cfg.shots} examples per class in train and in dev"
+    return f"{cfg.shots} examples per class in train, {cfg.dev_shots} in dev"
 
 
 def _describe(spec: StudySpec, arm: Arm) -> str:

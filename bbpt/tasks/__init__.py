@@ -16,21 +16,23 @@ def load_task(*, task: str | None = None, data: str | None = None, test_data: st
               template: str | None = None, labels: list[str] | None = None,
               label_names: list[str] | None = None, text_field: str = "text", text_pair_field: str | None = None,
               label_field: str = "label", shots: int = 16, seed: int = 0, max_test: int | None = None,
-              prompt_position: str | None = None) -> Task:
+              prompt_position: str | None = None, dev_shots: int | None = None) -> Task:
     """Load a built-in task by name, or a user's JSONL/CSV file with its template and label words.
 
     ``prompt_position`` moves the prompt (see :meth:`Template.at`); None keeps the template as written."""
     task = _load_task(task=task, data=data, test_data=test_data, template=template, labels=labels,
                       label_names=label_names, text_field=text_field, text_pair_field=text_pair_field,
-                      label_field=label_field, shots=shots, seed=seed, max_test=max_test)
+                      label_field=label_field, shots=shots, seed=seed, max_test=max_test, dev_shots=dev_shots)
     task.template = task.template.at(prompt_position)
     return task
 
 
 def _load_task(*, task, data, test_data, template, labels, label_names, text_field, text_pair_field, label_field,
-               shots, seed, max_test) -> Task:
+               shots, seed, max_test, dev_shots) -> Task:
     if shots < 1:
         raise ConfigError(f"--shots must be at least 1, got {shots}")
+    if dev_shots is not None and dev_shots < 1:
+        raise ConfigError(f"--dev-shots must be at least 1, got {dev_shots}")
     if (task is None) == (data is None):
         raise ConfigError("give exactly one of --task NAME or --data FILE")
     if task is not None:
@@ -38,7 +40,7 @@ def _load_task(*, task, data, test_data, template, labels, label_names, text_fie
             raise ConfigError(f"unknown task {task!r}; built-in tasks are {sorted(BUILTIN)}, "
                               "or pass --data FILE with --template and --labels")
         return load_builtin(task, shots=shots, seed=seed, template=template, label_words=labels,
-                            max_test=max_test)
+                            max_test=max_test, dev_shots=dev_shots)
     if not template or not labels:
         raise ConfigError("--data needs --template (with {text}) and --labels (one word per class, "
                           'e.g. --labels " negative" " positive")')
@@ -49,7 +51,7 @@ def _load_task(*, task, data, test_data, template, labels, label_names, text_fie
                           "give one name per label word")
     kw = dict(label_names=names, text_field=text_field, text_pair_field=text_pair_field, label_field=label_field)
     pool = read_examples(data, **kw)
-    train, dev, rest = few_shot_split(pool, shots, seed, len(labels))
+    train, dev, rest = few_shot_split(pool, shots, seed, len(labels), dev_shots)
     test = read_examples(test_data, **kw) if test_data else rest
     if not test:
         raise ConfigError(f"{data} has no examples left for a test split after --shots {shots}; "

@@ -52,7 +52,8 @@ BUILTIN: dict[str, TaskSpec] = {
 
 
 def load_builtin(name: str, *, shots: int, seed: int, template: str | None = None,
-                 label_words: list[str] | None = None, max_test: int | None = None) -> Task:
+                 label_words: list[str] | None = None, max_test: int | None = None,
+                 dev_shots: int | None = None) -> Task:
     spec = BUILTIN[name]
     root = resources.files("bbpt.tasks") / "data" / spec.folder
     label_names = json.loads((root / "labels.json").read_text())
@@ -61,7 +62,7 @@ def load_builtin(name: str, *, shots: int, seed: int, template: str | None = Non
         pool = read_examples(p, **kw)
     with resources.as_file(root / "test.jsonl.gz") as p:
         test = read_examples(p, **kw)
-    train, dev, _ = few_shot_split(pool, shots, seed, len(label_names))
+    train, dev, _ = few_shot_split(pool, shots, seed, len(label_names), dev_shots)
     return Task(name=name, label_names=label_names, label_words=list(label_words or spec.label_words),
                 template=Template(template or spec.template), train=train, dev=dev,
                 test=test[:max_test] if max_test else test, metric=spec.metric, init_text=spec.init_text)

@@ -77,11 +77,15 @@ def _label_index(raw, index: dict[str, int], n: int) -> int | None:
     return None
 
 
-def few_shot_split(pool: list[Example], shots: int, seed: int, num_classes: int) -> tuple[list[Example], list[Example], list[Example]]:
-    """Draw ``shots`` examples per class for train and another ``shots`` for dev, as BBT does.
+def few_shot_split(pool: list[Example], shots: int, seed: int, num_classes: int,
+                   dev_shots: int | None = None) -> tuple[list[Example], list[Example], list[Example]]:
+    """Draw ``shots`` examples per class for train and another ``dev_shots`` (default ``shots``, as BBT does)
+    for dev.
 
-    Returns (train, dev, rest of the pool). Sampling depends only on (pool order, shots, seed).
+    Returns (train, dev, rest of the pool). Sampling depends only on (pool order, shots, dev_shots, seed), and
+    train does not depend on ``dev_shots``: a larger dev set leaves the training examples as they were.
     """
+    dev_shots = shots if dev_shots is None else dev_shots
     by_class: dict[int, list[Example]] = defaultdict(list)
     for ex in pool:
         by_class[ex.label].append(ex)
@@ -89,13 +93,13 @@ def few_shot_split(pool: list[Example], shots: int, seed: int, num_classes: int)
     train, dev, rest = [], [], []
     for c in range(num_classes):
         items = list(by_class.get(c, []))
-        if len(items) < 2 * shots:
-            raise DataError(f"class {c} has {len(items)} examples in the training pool but --shots {shots} needs "
-                            f"{2 * shots} (train + dev); lower --shots or add data")
+        if len(items) < shots + dev_shots:
+            raise DataError(f"class {c} has {len(items)} examples in the training pool but --shots {shots} and "
+                            f"--dev-shots {dev_shots} need {shots + dev_shots} (train + dev); lower them or add data")
         rng.shuffle(items)
         train += items[:shots]
-        dev += items[shots:2 * shots]
-        rest += items[2 * shots:]
+        dev += items[shots:shots + dev_shots]
+        rest += items[shots + dev_shots:]
     rng.shuffle(train)
     rng.shuffle(dev)
     return train, dev, rest
