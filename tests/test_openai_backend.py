@@ -317,8 +317,11 @@ def test_local_model_scores_text_prompts_like_the_server(llama, real_backend, ta
     pairs = [(top[w], local[j, c]) for j, top in enumerate(b.memo[k]["top"] for k in b.memo)
              for c, w in enumerate(task.label_words) if w in top]
     assert len(pairs) >= 6
-    gaps = np.abs([r - l for r, l in pairs])       # measured: median 0.09, max 0.24 (llama.cpp's Q8 activations)
-    assert np.median(gaps) < 0.15 and gaps.max() < 0.35
+    # Measured on the same 12 pairs: median 0.09 on every machine, max 0.24 on one and 0.40 on another (llama.cpp
+    # quantizes activations to Q8 with kernels chosen for the CPU). A template or tokenization mismatch moves
+    # the median by nats, so the median carries the check and the max only catches a gross outlier.
+    gaps = np.abs([r - l for r, l in pairs])
+    assert np.median(gaps) < 0.15 and gaps.max() < 0.6
 
 
 @pytest.mark.slow
