@@ -1,7 +1,7 @@
 """Keys and values kept between forwards, so the local backend does not recompute what has not changed.
 
 Everything goes through transformers' own cache argument (a :class:`~transformers.DynamicCache` built from
-stored tensors; :func:`cache_kwargs` names it as the installed transformers does) and ``inputs_embeds``: no
+stored tensors; :func:`cache_arg` names it as the installed transformers does) and ``inputs_embeds``: no
 model code is forked. Sequences are left-padded, with explicit position ids and an attention mask over past +
 new tokens, so a row's scores equal those of the same tokens run alone and unpadded. Whether a model's cache
 can be reused this way is checked once per backend (:func:`reuse_works`) rather than assumed from its name; a
@@ -47,19 +47,19 @@ class KV:
                   self.mask.expand(rows, -1), self.lengths.expand(rows))
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_arg(forward_type: type) -> str:
-    return "cache" if "cache" in inspect.signature(forward_type.forward).parameters else "past_key_values"
+def cache_arg(model) -> str:
+    """The keyword ``model(...)`` takes its cache by: transformers 5.24 renamed ``past_key_values`` to ``cache``
+    (the old name warns, and goes in 5.40), and bbpt supports both sides of the rename."""
+    return _cache_arg(type(model))
 
 
-def cache_kwargs(model, cache) -> dict:
-    """``{name: cache}`` for ``model(...)``: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old
-    name warns, and goes in 5.40), and bbpt supports both sides of the rename, so ask the forward's signature."""
-    return {_cache_arg(type(model)): cache}
+@functools.lru_cache(maxsize=None)      # one signature lookup per model class, not per forward
+def _cache_arg(model_type: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"
 
 
 def returned_cache(out):
-    """The cache a forward returned, under either name (see :func:`cache_kwargs`)."""
+    """The cache a forward returned, under either name (see :func:`cache_arg`)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
 
@@ -86,7 +86,7 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False):
         mask = torch.cat([past.mask, new_mask], dim=1)
         positions = positions + past.lengths[:, None]
         cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)), config=model.config)
-    out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
+    out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
                 use_cache=keep or cache is not None, logits_to_keep=1)
     logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     if not keep:

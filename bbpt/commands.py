@@ -296,24 +296,23 @@ def _study_plan(spec, url: str) -> int:
     from bbpt.errors import StorageError
     from bbpt.storage import Storage
     from bbpt.studyspec import status, time_left
-    from bbpt.studyspec.runner import duration
+    from bbpt.studyspec.runner import Status, duration
 
     try:
         states = status(spec, Storage(url, create=False))
-    except StorageError:
-        states = None       # nothing stored yet: every study is new
-    left = time_left(states) if states else [None] * len(spec.plan)
+    except StorageError:     # nothing stored yet: every study is new
+        states = [Status(p, "new", 0, []) for p in spec.plan]
+    left = time_left(states)
     w = max(len(p.name) for p in spec.plan)
     print(f"{'study':{w}} {'state':9} {'calls':>11} {'time':>8}")
-    for i, p in enumerate(spec.plan):
-        s = states[i] if states else None
-        state = s.state if s else "new"
+    for s, t in zip(states, left):
+        p = s.study
         budget = p.config.budget if p.arm.tuned else 0
-        took = duration(s.seconds) if s and s.seconds is not None else "~" + duration(left[i]) if left[i] else "?"
-        note = f"  stored settings differ: {', '.join(s.stale)}" if s and s.stale and s.state != "new" else ""
-        print(f"{p.name:{w}} {state:9} {s.calls if s else 0:>5}/{budget:<5} {took:>8}{note}")
-    done = [s.seconds for s in states or [] if s.seconds is not None]
-    todo = [t for s, t in zip(states or [None] * len(spec.plan), left) if not s or s.state != "complete"]
+        took = duration(s.seconds) if s.seconds is not None else f"~{duration(t)}" if t else "?"
+        note = f"  stored settings differ: {', '.join(s.stale)}" if s.stale and s.state != "new" else ""
+        print(f"{p.name:{w}} {s.state:9} {s.calls:>5}/{budget:<5} {took:>8}{note}")
+    done = [s.seconds for s in states if s.seconds is not None]
+    todo = [t for s, t in zip(states, left) if s.state != "complete"]
     known = [t for t in todo if t is not None]
     print(f"done: {len(done)} studies, {duration(sum(done))} measured; left: {len(todo)} studies"
           + (f", about {duration(sum(known))} by the median time of complete studies of the same task and arm"

@@ -77,7 +77,7 @@ def generate(backend, embeds: list, texts: list[str], req: CompletionRequest, li
 
 def _decode(backend, x, req: CompletionRequest, gen) -> list[dict]:
     """Token-by-token decoding with a KV cache for one batch of equal-length prompts."""
-    from adapters._kv import cache_kwargs, returned_cache
+    from adapters._kv import cache_arg, returned_cache
 
     torch = backend.torch
     n, max_new = x.shape[0], req.max_tokens if req.max_tokens is not None else 16
@@ -85,10 +85,9 @@ def _decode(backend, x, req: CompletionRequest, gen) -> list[dict]:
     rows = [dict(ids=[], logprobs=[], top=[], finish="length", prompt_tokens=int(x.shape[1])) for _ in range(n)]
     done = torch.zeros(n, dtype=torch.bool, device=backend.device)
     mask = torch.ones(n, x.shape[1], dtype=torch.long, device=backend.device)
-    past, cur = None, x
+    past, cur, past_arg = None, x, cache_arg(backend.model)
     for _ in range(max_new):
-        o = backend.model(inputs_embeds=cur, attention_mask=mask, **cache_kwargs(backend.model, past), use_cache=True,
-                          logits_to_keep=1)
+        o = backend.model(inputs_embeds=cur, attention_mask=mask, **{past_arg: past}, use_cache=True, logits_to_keep=1)
         lp = torch.log_softmax(o.logits[:, -1].float(), dim=-1)
         if req.temperature == 0:
             nxt = lp.argmax(-1)
