@@ -93,8 +93,7 @@ def figure(reports: list[StudyReport], target: float | None = None):
     xlabels = ("calls (forward passes over the training batch)", "seconds (scoring, backward included)")
     ylabels = ("best train loss so far", f"best dev {METRIC} so far")
     for i, r in enumerate(reports):
-        series = [(r.calls, r.best_loss), (r.seconds, r.best_loss),
-                  (r.dev_calls, r.best_dev), (r.dev_seconds, r.best_dev)]
+        series = [(r.calls, r.best_loss), (r.seconds, r.best_loss), dev_curve(r, "calls"), dev_curve(r, "seconds")]
         for k, (ax, (x, y)) in enumerate(zip(axes, series)):
             ax.step(x, y, where="post", color=f"C{i % 10}", label=f"{r.name} ({r.optimizer})",
                     marker="o" if k >= 2 else None, markersize=3)
@@ -114,6 +113,16 @@ def plot(reports: list[StudyReport], path: str | Path, target: float | None = No
     path = Path(path)
     figure(reports, target).savefig(path, dpi=110)
     return path
+
+
+def dev_curve(r: StudyReport, axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """Best-so-far dev score against ``axis`` ("calls" or "seconds"), held flat to the last trial: the loop
+    scores a candidate on dev only when it is a new best on train, so after the last evaluation the best dev
+    score stands until the search ends, and a curve stopping there would read as a shorter search."""
+    x, end = (r.dev_calls, r.calls) if axis == "calls" else (r.dev_seconds, r.seconds)
+    if len(x) and len(end) and end[-1] > x[-1]:
+        return np.append(x, end[-1]), np.append(r.best_dev, r.best_dev[-1])
+    return x, r.best_dev
 
 
 def _read_steps(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -136,13 +145,13 @@ def band_figure(arms: list[tuple[str, list[StudyReport]]], *, levels: list[tuple
         reports = [r for r in reports if len(r.best_dev)]
         if not reports:
             continue
-        for ax, attr in zip(axes, ("dev_calls", "dev_seconds")):
-            xs = [getattr(r, attr) for r in reports]
+        for ax, axis in zip(axes, ("calls", "seconds")):
+            curves = [dev_curve(r, axis) for r in reports]
             # Start where every seed has its first dev score: a mean over the seeds that happen to have one
             # would drop when a slower seed joins, drawing a best-so-far curve that goes down.
-            grid = np.unique(np.concatenate(xs))
-            grid = grid[grid >= max(x[0] for x in xs)]
-            ys = np.array([_read_steps(x, r.best_dev, grid) for x, r in zip(xs, reports)])
+            grid = np.unique(np.concatenate([x for x, _ in curves]))
+            grid = grid[grid >= max(x[0] for x, _ in curves)]
+            ys = np.array([_read_steps(x, y, grid) for x, y in curves])
             ax.step(grid, np.nanmean(ys, 0), where="post", color=f"C{i % 10}", label=f"{label} ({len(reports)})")
             ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), step="post", color=f"C{i % 10}",
                             alpha=0.12, linewidth=0)

@@ -53,6 +53,18 @@ def test_band_mean_starts_where_every_seed_has_a_dev_score():
     np.testing.assert_allclose(y, [0.8, 0.8, 0.85])
 
 
+def test_dev_curves_run_to_the_end_of_the_search():
+    # Dev is scored only when the best train candidate changes: a search whose last new best came at call 30
+    # of 100 still searched to call 100 with that dev score, and its curve must say so, in both figures.
+    r = StudyReport("s", "nevergrad:TwoPointsDE", "complete", np.arange(1.0, 101), np.arange(1.0, 101) * 2,
+                    np.zeros(100), 0, np.array([10.0, 30.0]), np.array([20.0, 60.0]), np.array([0.5, 0.6]), 0.6, 0.55)
+    band = band_figure([("de", [r])])
+    compare = figure([r])
+    for ax, end in ((band.axes[0], 100), (band.axes[1], 200), (compare.axes[2], 100), (compare.axes[3], 200)):
+        x, y = ax.lines[0].get_data()
+        assert x[-1] == end and y[-1] == 0.6
+
+
 def test_compare_prints_a_table_and_plots_four_panels(finished_db, tmp_path, capsys):
     png = tmp_path / "compare.png"
     assert main(["compare", "cma", "bp", "--target", "0.5", "--plot", str(png), "--storage", finished_db.url]) == 0
