@@ -10,7 +10,7 @@ each is placed at the calls and seconds at which the loop made that evaluation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,12 @@ class StudyReport:
     best_dev: np.ndarray        # best dev accuracy so far, at each dev evaluation
     dev: float | None           # of the prompt selected on dev
     test: float | None          # of the same prompt, scored once at the end
+    dev_scores: np.ndarray = field(default_factory=lambda: np.array([]))   # at each dev evaluation, as scored
+
+    @property
+    def dev_tied(self) -> bool:
+        """More than one prompt reached the best dev score: selection kept the earliest (see study.py)."""
+        return bool(len(self.dev_scores)) and int(np.sum(self.dev_scores == self.dev_scores.max())) > 1
 
     def reach(self, target: float) -> tuple[int, float] | None:
         """Calls and seconds at the first dev evaluation at or above ``target``; None if never."""
@@ -63,7 +69,8 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
         tokens=sum(t.tokens for t in trials),
         dev_calls=np.array([e.calls_at for e in dev]), dev_seconds=np.array([e.seconds_at for e in dev]),
         best_dev=np.maximum.accumulate([e.metrics[metric] for e in dev]) if dev else np.array([]),
-        dev=score.get((selected, "dev")), test=score.get((selected, "test")))
+        dev=score.get((selected, "dev")), test=score.get((selected, "test")),
+        dev_scores=np.array([e.metrics[metric] for e in dev]))
 
 
 def format_table(reports: list[StudyReport], target: float | None = None) -> str:

@@ -53,6 +53,15 @@ def test_band_mean_starts_where_every_seed_has_a_dev_score():
     np.testing.assert_allclose(y, [0.8, 0.8, 0.85])
 
 
+def test_a_tie_is_two_dev_evaluations_at_the_best_score():
+    def rep(scores):
+        e = np.array([])
+        return StudyReport("s", "cma", "complete", e, e, e, 0, e, e, e, None, None, dev_scores=np.array(scores))
+
+    assert rep([0.5, 0.75, 0.75]).dev_tied and rep([0.75, 0.5, 0.75]).dev_tied
+    assert not rep([0.5, 0.75, 0.5]).dev_tied and not rep([0.75]).dev_tied and not rep([]).dev_tied
+
+
 def test_dev_curves_run_to_the_end_of_the_search():
     # Dev is scored only when the best train candidate changes: a search whose last new best came at call 30
     # of 100 still searched to call 100 with that dev score, and its curve must say so, in both figures.

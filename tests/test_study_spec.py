@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bbpt.cli import main
+from bbpt.report import gather
 from bbpt.storage import Storage
 from bbpt.studyspec.spec import load_spec
 from study_helpers import cli, dump
@@ -149,6 +150,10 @@ def test_report_has_a_row_per_arm_and_is_rebuilt_identically(finished, capsys):
                                               "WHERE name LIKE 'tiny/sst2/manual/%' ORDER BY name")]
     assert table[0].split(" | ")[4].startswith(f"{100 * np.mean(tests):.1f} ± ")
     assert "calls to reach dev" in text and "(bp)" in text
+    # The ties line counts the tuned studies (here cma and bp, two seeds each) by their stored dev scores.
+    storage = Storage(finished.url)
+    tuned = [gather(storage, n) for n in STUDIES if ARMS[n.split("/")[2]]]
+    assert f"dev ties: in {sum(r.dev_tied for r in tuned)} of {len(tuned)} tuned studies" in text
     assert (md.parent / "tiny-sst2.png").stat().st_size > 0 and "](tiny-sst2.png)" in text
     assert main(["-q", "study", "report", str(finished.spec)]) == 0
     assert md.read_text() == text

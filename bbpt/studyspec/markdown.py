@@ -83,8 +83,13 @@ def _header(spec: StudySpec, storage_url, spec_arg, rows, cells) -> list[str]:
     wall = sum(s.get("wall_seconds", s["seconds"]) for s in summaries)
     scoring = sum(float(r.seconds[-1]) for r in reports if len(r.seconds))
     lines += [f"- total time: {duration(wall)} of study wall time (summed over studies), of which "
-              f"{duration(scoring)} scoring calls of the searches", ""]
-    return lines
+              f"{duration(scoring)} scoring calls of the searches"]
+    searched = [r for r in reports if len(r.dev_scores)]
+    if searched:
+        lines.append(f"- dev ties: in {sum(r.dev_tied for r in searched)} of {len(searched)} tuned studies more "
+                     "than one prompt reached the best dev score; the earliest was kept (a later prompt must score "
+                     "strictly higher), so many ties say the dev set is too small to choose (`dev_shots`)")
+    return lines + [""]
 
 
 def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
