@@ -39,7 +39,7 @@ class StudyReport:
     @property
     def dev_tied(self) -> bool:
         """More than one prompt reached the best dev score: selection kept the earliest (see study.py)."""
-        return bool(len(self.dev_scores)) and int(np.sum(self.dev_scores == self.dev_scores.max())) > 1
+        return len(self.dev_scores) > 1 and np.count_nonzero(self.dev_scores == self.dev_scores.max()) > 1
 
     def reach(self, target: float) -> tuple[int, float] | None:
         """Calls and seconds at the first dev evaluation at or above ``target``; None if never."""
@@ -62,15 +62,15 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
         ck = storage.last_checkpoint(row.id)
         selected = ck.loop_state.get("dev_best_trial") if ck else None
     score = {(e.trial_number, e.split): e.metrics.get(metric) for e in evals}
+    dev_scores = np.array([e.metrics[metric] for e in dev])
     return StudyReport(
         name=name, optimizer=row.config["optimizer"], state=row.state,
         calls=np.cumsum([t.calls for t in trials]), seconds=np.cumsum([t.seconds for t in trials]),
         best_loss=np.minimum.accumulate([t.loss for t in trials]) if trials else np.array([]),
         tokens=sum(t.tokens for t in trials),
         dev_calls=np.array([e.calls_at for e in dev]), dev_seconds=np.array([e.seconds_at for e in dev]),
-        best_dev=np.maximum.accumulate([e.metrics[metric] for e in dev]) if dev else np.array([]),
-        dev=score.get((selected, "dev")), test=score.get((selected, "test")),
-        dev_scores=np.array([e.metrics[metric] for e in dev]))
+        best_dev=np.maximum.accumulate(dev_scores) if dev else dev_scores,
+        dev=score.get((selected, "dev")), test=score.get((selected, "test")), dev_scores=dev_scores)
 
 
 def format_table(reports: list[StudyReport], target: float | None = None) -> str:
