@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bound", type=float, default=0.0, help="CMA-ES box bound on z (0: none)")
     g.add_argument("--loss", choices=("ce", "hinge"), default="ce", help="training loss over the label words")
     g.add_argument("--eval-every", type=int, help="calls between dev evaluations (default: budget/10)")
+    g.add_argument("--dev-ties", choices=("earliest", "loss"), default="earliest",
+                   help="which prompt is kept when several reach the best dev score: the earliest (the rule of the "
+                        "committed studies) or the one with the lowest dev loss (finer than a score that moves in "
+                        "steps of one dev example)")
     g = p.add_argument_group("output")
     g.add_argument("--study", help="study name; an existing name resumes it (default: generated, printed)")
     _add_storage_args(g)

@@ -13,6 +13,7 @@ CONFIG_VERSION = 1
 # Keys that may change between a run and its resume without changing which trials it produces.
 RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every", "price_per_1k", "max_tokens_total"})
 SPACES = ("projected", "full", "discrete", "vocab")
+DEV_TIES = ("earliest", "loss")
 
 
 @dataclass
@@ -63,6 +64,7 @@ class StudyConfig:
     bound: float = 0.0
     loss: str = "ce"
     eval_every: int | None = None       # in calls; None: a tenth of the budget
+    dev_ties: str = "earliest"          # several prompts at the best dev score: keep the earliest, or lowest dev loss
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -89,6 +91,7 @@ class StudyConfig:
             (self.space in SPACES, "space", " or ".join(SPACES)),
             (self.prompt_position in (None, "prefix", "infix"), "prompt_position", "prefix or infix"),
             (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
+            (self.dev_ties in DEV_TIES, "dev_ties", " or ".join(DEV_TIES)),
             (self.space != "full" or self.optimizer == "backprop", "space",
              "projected, discrete or vocab for derivative-free optimizers (full space has m×D dimensions)"),
             (self.space in ("full", "projected") or self.optimizer != "backprop", "space",

@@ -38,7 +38,7 @@ class StudyReport:
 
     @property
     def dev_tied(self) -> bool:
-        """More than one prompt reached the best dev score: selection kept the earliest (see study.py)."""
+        """More than one prompt reached the best dev score, so ``dev_ties`` chose which was kept (see study.py)."""
         return len(self.dev_scores) > 1 and np.count_nonzero(self.dev_scores == self.dev_scores.max()) > 1
 
     def reach(self, target: float) -> tuple[int, float] | None:

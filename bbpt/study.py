@@ -35,6 +35,7 @@ class LoopState:
     evaluated: list[int] = field(default_factory=list)     # trial numbers already scored on dev
     dev_best_trial: int | None = None
     dev_best: float = -1.0
+    dev_best_loss: float = float("inf")  # the selected prompt's dev loss (the tie-break of --dev-ties loss)
     dev_last: float | None = None
     eval_tokens: int = 0                 # spent on dev checks during the search
     gen_tokens_max: int = 0              # the costliest generation so far: the estimate for the next one
@@ -118,8 +119,10 @@ def _dev_eval(sess: Session, space, loop: LoopState, z: np.ndarray) -> dict:
     loop.eval_tokens += tokens
     loop.evaluated.append(loop.best_trial)
     loop.dev_last = score
-    # Ties go to the earlier (already selected) trial: a later one must be strictly better on dev.
-    if score > loop.dev_best:
-        loop.dev_best, loop.dev_best_trial = score, loop.best_trial
+    # With a few dozen dev examples ties are common (half the suite's studies). By default they go to the earlier
+    # (already selected) trial; --dev-ties loss lets the dev loss, which still moves when no answer does, decide.
+    tie_won = sess.config.dev_ties == "loss" and score == loop.dev_best and m["loss"] < loop.dev_best_loss
+    if score > loop.dev_best or tie_won:
+        loop.dev_best, loop.dev_best_loss, loop.dev_best_trial = score, m["loss"], loop.best_trial
     return dict(trial_number=loop.best_trial, split="dev", metrics=m, calls_at=loop.calls,
                 seconds_at=loop.seconds, tokens=tokens)

@@ -86,9 +86,13 @@ def _header(spec: StudySpec, storage_url, spec_arg, rows, cells) -> list[str]:
               f"{duration(scoring)} scoring calls of the searches"]
     searched = [r for r in reports if len(r.dev_scores)]
     if searched:
+        rules = {p.config.dev_ties for p in spec.plan if p.arm.tuned}
+        kept = ("the earliest was kept (a later prompt must score strictly higher)" if rules == {"earliest"} else
+                "the one with the lowest dev loss was kept (`dev_ties = \"loss\"`)" if rules == {"loss"} else
+                "the arms' `dev_ties` chose which was kept")
         lines.append(f"- dev ties: in {sum(r.dev_tied for r in searched)} of {len(searched)} tuned studies more "
-                     "than one prompt reached the best dev score; the earliest was kept (a later prompt must score "
-                     "strictly higher), so many ties say the dev set is too small to choose (`dev_shots`)")
+                     f"than one prompt reached the best dev score; {kept}, so many ties say the dev set is too "
+                     "small to choose (`dev_shots`)")
     return lines + [""]
 
 

@@ -1,0 +1,40 @@
+"""Selection on dev when several prompts tie at the best dev score: `--dev-ties earliest` (the default, and the
+rule of the committed studies) keeps the first, `--dev-ties loss` the one with the lowest dev loss."""
+
+from __future__ import annotations
+
+import pytest
+
+from bbpt.config import StudyConfig
+from bbpt.errors import ConfigError
+from bbpt.storage import Storage
+from study_helpers import cli, optimize_args
+
+
+def test_dev_ties_keep_the_earliest_or_the_lowest_dev_loss(tmp_path, tiny_model_dir):
+    url = f"sqlite:///{tmp_path / 'ties.db'}"
+    for rule in ("earliest", "loss"):
+        args = optimize_args(tiny_model_dir, url, rule, budget=40, runs_dir=tmp_path / "runs",
+                             extra=("--eval-every", "4", "--dev-ties", rule))
+        done = cli(args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    storage = Storage(url)
+
+    def searched(name):
+        sid = storage.require_study(name).id
+        return [e for e in storage.evaluations(sid) if e.split == "dev" and e.trial_number not in (None, -1)]
+
+    evals = searched("earliest")
+    # The rule only chooses among the prompts scored; the search and its dev scores are the same under both.
+    assert [(e.trial_number, e.metrics) for e in evals] == [(e.trial_number, e.metrics) for e in searched("loss")]
+    best = max(e.metrics["accuracy"] for e in evals)
+    tied = [e for e in evals if e.metrics["accuracy"] == best]
+    lowest = min(tied, key=lambda e: e.metrics["loss"])
+    assert len(tied) > 1 and lowest is not tied[0], "this seed no longer gives a tie the dev loss breaks differently"
+    assert storage.require_study("earliest").summary["selected_trial"] == tied[0].trial_number
+    assert storage.require_study("loss").summary["selected_trial"] == lowest.trial_number
+
+
+def test_an_unknown_tie_rule_is_named():
+    with pytest.raises(ConfigError, match="--dev-ties 'first' is invalid: it must be earliest or loss"):
+        StudyConfig(dev_ties="first")
