@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from bbpt.config import DEV_TIES, SPACES   # light: dataclasses only, no torch
 from bbpt.errors import BbptError
 
 log = logging.getLogger("bbpt")
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: where the template's {prompt} is, else prefix)")
     g.add_argument("--init", default="task", help="where P0 starts: task (the task's instruction text), "
                    'labels, vocab (random frequent tokens), zeros, or text:"your words"')
-    g.add_argument("--space", choices=("projected", "full", "discrete", "vocab"), help="projected: P = P0 + A z "
+    g.add_argument("--space", choices=SPACES, help="projected: P = P0 + A z "
                    "(default for derivative-free); full: train P itself (default for backprop); discrete: P0 + A z "
                    "snapped to the nearest tokens, sent as text; vocab: each of --prompt-tokens positions picks one "
                    "of --vocab-size words")
@@ -235,10 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bound", type=float, default=0.0, help="CMA-ES box bound on z (0: none)")
     g.add_argument("--loss", choices=("ce", "hinge"), default="ce", help="training loss over the label words")
     g.add_argument("--eval-every", type=int, help="calls between dev evaluations (default: budget/10)")
-    g.add_argument("--dev-ties", choices=("earliest", "loss"), default="earliest",
-                   help="which prompt is kept when several reach the best dev score: the earliest (the rule of the "
-                        "committed studies) or the one with the lowest dev loss (finer than a score that moves in "
-                        "steps of one dev example)")
+    g.add_argument("--dev-ties", choices=DEV_TIES,
+                   help="which prompt is kept when several reach the best dev score: the earliest (default; the rule "
+                        "of the committed studies) or the one with the lowest dev loss (finer than a score that moves "
+                        "in steps of one dev example)")
     g = p.add_argument_group("output")
     g.add_argument("--study", help="study name; an existing name resumes it (default: generated, printed)")
     _add_storage_args(g)
