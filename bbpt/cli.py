@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from bbpt.config import DEV_TIES, SPACES   # light: dataclasses only, no torch
+from bbpt.config import CALIBRATIONS, DEV_TIES, SPACES   # light: dataclasses only, no torch
 from bbpt.errors import BbptError
 
 log = logging.getLogger("bbpt")
@@ -235,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diagonal", action="store_true", help="CMA-ES with a diagonal covariance (large d)")
     g.add_argument("--bound", type=float, default=0.0, help="CMA-ES box bound on z (0: none)")
     g.add_argument("--loss", choices=("ce", "hinge"), default="ce", help="training loss over the label words")
+    g.add_argument("--calibration", choices=CALIBRATIONS,
+                   help="bias (default): each prompt carries one bias per label, fitted on the training scores at no "
+                        "cost in calls, so a model that favours one label word is corrected (the manual baseline "
+                        "gets the same); none: raw label-word scores (bbpt 0.1 and the committed v1 studies)")
     g.add_argument("--eval-every", type=int, help="calls between dev evaluations (default: budget/10)")
     g.add_argument("--dev-ties", choices=DEV_TIES,
                    help="which prompt is kept when several reach the best dev score: the earliest (default; the rule "

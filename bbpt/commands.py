@@ -106,12 +106,18 @@ def cmd_eval(args) -> int:
     from bbpt.scoring import evaluate
     from bbpt.session import load_task_for
 
+    from bbpt.prompt import SavedPrompt
+
     prompt, cfg, backend = _saved_task_and_backend(args)
+    bias = SavedPrompt.load(args.prompt).bias
     task = load_task_for(cfg)
+    if bias is not None and len(bias) != task.num_classes:
+        raise ConfigError(f"{args.prompt} is calibrated for {len(bias)} labels but task {task.name!r} has "
+                          f"{task.num_classes}; score it on a task with the labels it was tuned for")
     examples = task.split(args.split)
     batch = backend.encode(examples, task.template, task.label_words)
     try:
-        m, tokens, secs = evaluate(backend, prompt, batch, [e.label for e in examples], task.num_classes)
+        m, tokens, secs = evaluate(backend, prompt, batch, [e.label for e in examples], task.num_classes, bias)
     finally:
         backend.close()
     out = dict(prompt=args.prompt, task=task.name, split=args.split, examples=len(examples), **m,
@@ -127,7 +133,8 @@ def cmd_predict(args) -> int:
     from bbpt.tasks import Example, Template
 
     prompt, cfg, backend = _saved_task_and_backend(args)
-    meta = SavedPrompt.load(args.prompt).meta
+    saved = SavedPrompt.load(args.prompt)
+    meta, bias = saved.meta, saved.bias
     template = Template(meta["template"])
     examples = []
     for t in args.texts:
@@ -137,7 +144,8 @@ def cmd_predict(args) -> int:
         res = backend.score(prompt, backend.encode(examples, template, meta["label_words"]))
     finally:
         backend.close()
-    probs = np.exp(res.logprobs[0] - np.logaddexp.reduce(res.logprobs[0], axis=-1, keepdims=True))
+    lp = res.logprobs[0] + (0.0 if bias is None else bias)        # the prompt's calibration, as in eval
+    probs = np.exp(lp - np.logaddexp.reduce(lp, axis=-1, keepdims=True))
     answered = res.predicted[0] if res.predicted is not None else probs.argmax(-1)
     for text, p, a in zip(args.texts, probs, answered):
         label = meta["label_names"][int(a)] if a >= 0 else "(no label in the answer)"

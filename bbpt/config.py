@@ -8,12 +8,16 @@ from dataclasses import dataclass, field
 
 from bbpt.errors import ConfigError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION = 2
+# What a key added since version 1 meant before it existed: a stored version-1 config resumes and re-runs
+# exactly as it was run (its studies had no calibration).
+V1_MEANING = {"calibration": "none"}
 
 # Keys that may change between a run and its resume without changing which trials it produces.
 RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every", "price_per_1k", "max_tokens_total"})
 SPACES = ("projected", "full", "discrete", "vocab")
 DEV_TIES = ("earliest", "loss")
+CALIBRATIONS = ("none", "bias")
 
 
 @dataclass
@@ -63,6 +67,8 @@ class StudyConfig:
     diagonal: bool = False
     bound: float = 0.0
     loss: str = "ce"
+    # "bias": each prompt carries C per-class biases fitted on the training scores (free: no model calls)
+    calibration: str = "bias"
     eval_every: int | None = None       # in calls; None: a tenth of the budget
     dev_ties: str = "earliest"          # several prompts at the best dev score: keep the earliest, or lowest dev loss
     version: int = field(default=CONFIG_VERSION)
@@ -92,6 +98,7 @@ class StudyConfig:
             (self.prompt_position in (None, "prefix", "infix"), "prompt_position", "prefix or infix"),
             (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
             (self.dev_ties in DEV_TIES, "dev_ties", " or ".join(DEV_TIES)),
+            (self.calibration in CALIBRATIONS, "calibration", " or ".join(CALIBRATIONS)),
             (self.space != "full" or self.optimizer == "backprop", "space",
              "projected, discrete or vocab for derivative-free optimizers (full space has m×D dimensions)"),
             (self.space in ("full", "projected") or self.optimizer != "backprop", "space",
@@ -114,6 +121,8 @@ class StudyConfig:
         if d.get("version", CONFIG_VERSION) > CONFIG_VERSION:
             raise ConfigError(f"config version {d['version']} is newer than this bbpt understands "
                               f"({CONFIG_VERSION}); upgrade bbpt")
+        if d.get("version", CONFIG_VERSION) < 2:
+            d = {**V1_MEANING, **d}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -123,4 +132,5 @@ class StudyConfig:
     def differences(self, other: "StudyConfig") -> list[str]:
         """Keys whose values differ in a way that changes results (what blocks a resume)."""
         a, b = self.to_dict(), other.to_dict()
-        return sorted(k for k in a if k not in RESUME_SAFE and a[k] != b.get(k))
+        # "version" is not compared: from_dict already gave an older config its meaning in this version.
+        return sorted(k for k in a if k not in RESUME_SAFE and k != "version" and a[k] != b.get(k))

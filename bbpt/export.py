@@ -13,6 +13,7 @@ task, template and label words; a foreign adapter needs them from flags.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,12 @@ from bbpt.errors import ConfigError, StudyError
 from bbpt.prompt import SavedPrompt
 from bbpt.storage import Storage
 
+log = logging.getLogger(__name__)
+
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_KEY = "prompt_embeddings"
+BIAS_FILE = "label_bias.json"
 META_KEY = "bbpt"
 
 
@@ -85,6 +89,15 @@ def to_peft(saved: SavedPrompt, out: str | Path) -> Path:
     save_file({PEFT_KEY: np.ascontiguousarray(saved.prompt, dtype=np.float32)}, str(out / PEFT_WEIGHTS),
               metadata={"format": "pt", META_KEY: json.dumps(meta)})
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    if saved.bias is not None:
+        # PEFT has no place for a label bias: write it beside the adapter, with what to do with it.
+        words = meta["label_words"]
+        (out / BIAS_FILE).write_text(json.dumps(dict(
+            label_words=words, bias=saved.bias.tolist(),
+            how="PEFT cannot carry this prompt's calibration: add bias[i] to the log-prob of label_words[i]'s "
+                "first token before taking the argmax, as bbpt eval/predict/serve do"), indent=2) + "\n")
+        log.warning("this prompt is calibrated (a bias per label) and PEFT cannot carry that: %s/%s says how to "
+                    "apply it; without it, predictions can differ from bbpt's", out, BIAS_FILE)
     return out
 
 

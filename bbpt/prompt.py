@@ -174,6 +174,18 @@ class SavedPrompt:
         (d / "prompt.json").write_text(json.dumps(self.meta, indent=2, default=_jsonable) + "\n")
         return d
 
+    @property
+    def bias(self) -> np.ndarray | None:
+        """The label bias ``[C]`` to add to this prompt's label log-probs (its calibration), or None. Every
+        consumer of a saved prompt (eval, predict, the server's bank) applies it the same way."""
+        cal = self.meta.get("calibration")
+        if not cal:
+            return None
+        if cal.get("kind") != "bias" or len(cal.get("bias", ())) != len(self.meta.get("label_words", ())):
+            raise ConfigError(f"prompt {self.meta.get('study')!r} has a calibration this bbpt cannot apply "
+                              f"({cal!r}); expected kind 'bias' with one number per label word")
+        return np.asarray(cal["bias"], dtype=np.float64)
+
     @classmethod
     def load(cls, directory: str | Path) -> "SavedPrompt":
         from safetensors.numpy import load_file

@@ -28,6 +28,7 @@ class Scored:
     predictions: np.ndarray | None = None     # [pop, n] predicted class, -1 where an answer had none
     texts: tuple[str, ...] | None = None      # discrete prompts: each candidate's text
     per_prompt: list[dict] | None = None      # the backend's accounting per candidate
+    biases: np.ndarray | None = None          # [pop, C] label bias fitted on this batch (calibration "bias")
 
 
 def score_prompts(backend, prompts, batch):
@@ -45,44 +46,75 @@ def score_prompts(backend, prompts, batch):
                    predicted=None if res.predicted is None else res.predicted[inverse])
 
 
-def _fitness(res, labels, loss: str) -> tuple[np.ndarray, np.ndarray]:
-    """Losses and predictions of a scored population. Answers without scores (``predicted``) can only be right
-    or wrong, so their loss is the error rate whatever ``loss`` says."""
+def _fitness(res, labels, loss: str, bias=None) -> tuple[np.ndarray, np.ndarray]:
+    """Losses and predictions of a scored population, after adding ``bias`` ``[pop, C]`` to its scores when
+    given. Answers without scores (``predicted``) can only be right or wrong, so their loss is the error rate
+    whatever ``loss`` says, and no bias applies to them."""
     if res.predicted is not None:
         pred = np.asarray(res.predicted)
         return 1.0 - (pred == np.asarray(labels)[None]).mean(-1), pred
-    return objective.loss(res.logprobs, labels, loss), objective.predictions(res.logprobs)
+    lp = objective.calibrated(res.logprobs, bias)
+    return objective.loss(lp, labels, loss), objective.predictions(lp)
 
 
-def score_population(backend, space, zs: np.ndarray, batch, labels, loss: str, need_grad: bool) -> Scored:
+def fitted_bias(res, labels, calibration: str):
+    """The per-candidate label bias that ``calibration`` fits on these scores, or None (no calibration, or
+    answers without scores)."""
+    if calibration == "none" or res.predicted is not None:
+        return None
+    return objective.fit_bias(res.logprobs, labels)
+
+
+def score_population(backend, space, zs: np.ndarray, batch, labels, loss: str, need_grad: bool,
+                     calibration: str = "none") -> Scored:
+    """Score candidates on the training batch. With ``calibration="bias"`` each candidate's loss is the one
+    it reaches with its best per-class bias on this batch (the bias is fitted here, per candidate, and
+    returned): the search then optimises the prompt that will be used, calibrated."""
     start = time.perf_counter()
     if not need_grad:
         prompts = space.decode(zs)
         res = score_prompts(backend, prompts, batch)
-        losses, pred = _fitness(res, labels, loss)
+        bias = fitted_bias(res, labels, calibration)
+        losses, pred = _fitness(res, labels, loss, bias)
         return Scored(losses=losses, logprobs=res.logprobs, grads=None, tokens=res.tokens,
                       seconds=time.perf_counter() - start, bytes_sent=res.bytes_sent,
                       bytes_received=res.bytes_received, predictions=pred,
-                      texts=prompts.texts if isinstance(prompts, TextPrompts) else None, per_prompt=res.per_prompt)
+                      texts=prompts.texts if isinstance(prompts, TextPrompts) else None, per_prompt=res.per_prompt,
+                      biases=bias)
     import torch
 
     z = torch.tensor(np.asarray(zs), dtype=torch.float32, requires_grad=True)
     lp, tokens = backend.logprobs_torch(space.decode_torch(z), batch)
-    losses = objective.loss(lp, labels, loss)
+    logprobs = lp.detach().float().cpu().numpy()
+    bias = None if calibration == "none" else objective.fit_bias(logprobs, labels)
+    # The bias is the minimiser of the loss for these scores, so (envelope theorem) the gradient of the
+    # calibrated loss through the prompt is the gradient at the fitted bias, held fixed.
+    losses = objective.loss(objective.calibrated(lp, bias), labels, loss)
     forward_done = time.perf_counter()
     losses.sum().backward()
     end = time.perf_counter()
-    logprobs = lp.detach().float().cpu().numpy()
     return Scored(losses=losses.detach().cpu().numpy().astype(np.float64), logprobs=logprobs,
                   grads=z.grad.numpy().astype(np.float64), tokens=tokens, seconds=end - start,
-                  backward_seconds=end - forward_done, predictions=objective.predictions(logprobs))
+                  backward_seconds=end - forward_done,
+                  predictions=objective.predictions(objective.calibrated(logprobs, bias)), biases=bias)
 
 
-def evaluate(backend, prompts, batch, labels, num_classes: int) -> tuple[dict, int, float]:
-    """Metrics of one prompt (offsets ΔP or a TextPrompts; None for no prompt) on an encoded split."""
+def evaluate(backend, prompts, batch, labels, num_classes: int, bias=None) -> tuple[dict, int, float]:
+    """Metrics of one prompt (offsets ΔP or a TextPrompts; None for no prompt) on an encoded split, with its
+    label bias (``[C]``, fitted on train) added to the scores when given."""
     start = time.perf_counter()
     res = score_prompts(backend, prompts, batch)
-    losses, pred = _fitness(res, labels, "ce")
+    losses, pred = _fitness(res, labels, "ce", None if bias is None else np.asarray(bias, np.float64)[None])
     m = objective.prediction_metrics(pred[0], labels, num_classes)
     m["loss"] = float(losses[0])
     return m, res.tokens, time.perf_counter() - start
+
+
+def train_bias(backend, prompts, batch, labels, calibration: str):
+    """The label bias ``[C]`` of one prompt, fitted on the training batch (None without calibration), and
+    the tokens it took to score that batch."""
+    if calibration == "none":
+        return None, 0
+    res = score_prompts(backend, prompts, batch)
+    bias = fitted_bias(res, labels, calibration)
+    return (None if bias is None else bias[0]), res.tokens

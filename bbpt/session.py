@@ -18,7 +18,7 @@ import bbpt
 from bbpt.config import StudyConfig
 from bbpt.errors import ConfigError, StudyError
 from bbpt.prompt import PromptInit, SavedPrompt, TextPrompts, make_space
-from bbpt.scoring import evaluate
+from bbpt.scoring import evaluate, train_bias
 from bbpt.storage import Storage
 from bbpt.tasks import Task, load_task
 
@@ -70,6 +70,18 @@ def make_prompt_space(cfg: StudyConfig, task: Task, init: PromptInit, info):
         return make_text_space(cfg, task, init)
     return make_space(cfg.space, tokens=cfg.prompt_tokens, width=info.hidden_size, intrinsic_dim=cfg.intrinsic_dim,
                       seed=cfg.seed, embed_std=info.embed_std, sigma0=cfg.sigma0, alpha=cfg.alpha)
+
+
+def calibration_meta(bias) -> dict | None:
+    """What a saved prompt records of its calibration: the label bias added to its scores before the argmax."""
+    if bias is None:
+        return None
+    return {"kind": "bias", "bias": [float(v) for v in bias], "fitted_on": "train",
+            "applies": "added to the label words' log-probs before the softmax and argmax"}
+
+
+def _with_bias(m: dict, bias) -> dict:
+    return m if bias is None else {**m, "bias": [round(float(v), 6) for v in bias]}
 
 
 class Session:
@@ -132,20 +144,28 @@ class Session:
         y_test = np.array([e.label for e in self.task.test])
         test = None
         evals = []
-        for split, batch, y in (("dev", self.dev, self.y_dev), ("test", None, y_test)):
-            if (None, split) not in done:
-                batch = batch or self._encode_test()
-                m, tokens, secs = evaluate(self.backend, None, batch, y, self.task.num_classes)
-                evals.append(dict(trial_number=None, split=split, metrics=m, tokens=tokens, note="manual prompt"))
+        if {(None, "dev"), (None, "test")} - done:
+            # The manual prompt gets the same calibration as every tuned prompt: a bias fitted on train.
+            bias, fit_tokens = train_bias(self.backend, None, self.train, self.y_train, cfg.calibration)
+            for split, batch, y in (("dev", self.dev, self.y_dev), ("test", None, y_test)):
+                if (None, split) not in done:
+                    batch = batch or self._encode_test()
+                    m, tokens, secs = evaluate(self.backend, None, batch, y, self.task.num_classes, bias)
+                    evals.append(dict(trial_number=None, split=split, metrics=_with_bias(m, bias),
+                                      tokens=tokens + fit_tokens, note="manual prompt"))
+                    fit_tokens = 0
         if (-1, "train") not in done:   # the untuned starting prompt P0, so users see what tuning bought
-            m, tokens, _ = evaluate(self.backend, space.decode(space.initial()[None]), self.train, self.y_train,
-                                    self.task.num_classes)
-            evals.append(dict(trial_number=-1, split="train", metrics=m, tokens=tokens, note="initial prompt P0"))
+            p0 = space.decode(space.initial()[None])
+            bias, _ = train_bias(self.backend, p0, self.train, self.y_train, cfg.calibration)
+            m, tokens, _ = evaluate(self.backend, p0, self.train, self.y_train, self.task.num_classes, bias)
+            evals.append(dict(trial_number=-1, split="train", metrics=_with_bias(m, bias), tokens=tokens,
+                              note="initial prompt P0"))
         sel = loop.dev_best_trial
         z = self.trial_z(sel)
         delta = space.decode(z[None])      # ΔP, or the prompt's text
         if (sel, "test") not in done:
-            m, tokens, secs = evaluate(self.backend, delta, self._encode_test(), y_test, self.task.num_classes)
+            m, tokens, secs = evaluate(self.backend, delta, self._encode_test(), y_test, self.task.num_classes,
+                                       loop.dev_best_bias)
             evals.append(dict(trial_number=sel, split="test", metrics=m, tokens=tokens, calls_at=loop.calls,
                               seconds_at=loop.seconds, note="selected on dev; scored once"))
         store.add_evaluations(sid, evals)
@@ -157,7 +177,8 @@ class Session:
             selected_trial=sel,
             baseline_dev=by[(None, "dev")][self.metric], baseline_test=by[(None, "test")][self.metric],
             dev=by[(sel, "dev")][self.metric], test=by[(sel, "test")][self.metric],
-            prompt_path=str(self._save_prompt(space, z, delta, by[(sel, "dev")], by[(sel, "test")])),
+            prompt_path=str(self._save_prompt(space, z, delta, by[(sel, "dev")], by[(sel, "test")],
+                                              loop.dev_best_bias)),
             storage=store.url)
         if isinstance(delta, TextPrompts):
             summary["prompt_text"] = delta.texts[0]
@@ -188,10 +209,10 @@ class Session:
             out["search"] = sums
         return out
 
-    def _save_prompt(self, space, z, delta, dev, test) -> Path:
+    def _save_prompt(self, space, z, delta, dev, test, bias) -> Path:
         cfg = self.config
         if isinstance(delta, TextPrompts):
-            return self._save_text_prompt(space, z, delta, dev, test)
+            return self._save_text_prompt(space, z, delta, dev, test, bias)
         delta = delta[0]
         matrix = self.backend.prompt_matrix(delta) if hasattr(self.backend, "prompt_matrix") else delta
         meta = dict(
@@ -201,10 +222,11 @@ class Session:
             init=self.init.spec(), prompt_is="P0 + delta" if matrix is not delta else "delta (P0 at the backend)",
             space=cfg.space, projection_seed=cfg.seed, intrinsic_dim=cfg.intrinsic_dim, sigma0=cfg.sigma0,
             alpha=cfg.alpha, embedding="input embeddings, joined where the template's {prompt} is (prefix if absent)",
-            z=z.tolist() if cfg.space == "projected" else None, dev=dev, test=test, config=cfg.to_dict())
+            z=z.tolist() if cfg.space == "projected" else None, dev=dev, test=test, config=cfg.to_dict(),
+            calibration=calibration_meta(bias))
         return SavedPrompt(np.asarray(matrix, np.float32), meta).save(self.runs_dir / self.name)
 
-    def _save_text_prompt(self, space, z, prompt: TextPrompts, dev, test) -> Path:
+    def _save_text_prompt(self, space, z, prompt: TextPrompts, dev, test, bias) -> Path:
         cfg = self.config
         meta = dict(
             bbpt_version=bbpt.__version__, study=self.name, model=cfg.model, backend=cfg.backend, task=self.task.name,
@@ -214,5 +236,5 @@ class Session:
             placement="where the template's {prompt} is, else first on a line of its own (chat: the system message)",
             init=self.init.spec(), space=cfg.space, projection_seed=cfg.seed, intrinsic_dim=cfg.intrinsic_dim,
             sigma0=cfg.sigma0, alpha=cfg.alpha, z=z.tolist(), **space.describe(), dev=dev, test=test,
-            config=cfg.to_dict())
+            config=cfg.to_dict(), calibration=calibration_meta(bias))
         return SavedPrompt(None, meta, text=prompt.texts[0]).save(self.runs_dir / self.name)

@@ -32,10 +32,12 @@ class LoopState:
     seconds: float = 0.0
     best_trial: int | None = None
     best_loss: float = float("inf")
+    best_bias: list[float] | None = None   # the best trial's label bias, fitted on train (calibration "bias")
     evaluated: list[int] = field(default_factory=list)     # trial numbers already scored on dev
     dev_best_trial: int | None = None
     dev_best: float = -1.0
     dev_best_loss: float = float("inf")  # the selected prompt's dev loss (the tie-break of --dev-ties loss)
+    dev_best_bias: list[float] | None = None
     dev_last: float | None = None
     eval_tokens: int = 0                 # spent on dev checks during the search
     gen_tokens_max: int = 0              # the costliest generation so far: the estimate for the next one
@@ -48,7 +50,8 @@ def run(sess: Session, progress: bool = True) -> dict:
     space = sess.space
     opt = make_optimizer(cfg.optimizer, OptimizerSettings(
         dim=space.dim, x0=space.initial(), seed=cfg.seed, budget=cfg.budget, popsize=cfg.popsize,
-        sigma0=cfg.sigma0, lr=cfg.lr, diagonal=cfg.diagonal, bound=cfg.bound))
+        sigma0=cfg.sigma0, lr=cfg.lr, diagonal=cfg.diagonal, bound=cfg.bound, labels=sess.y_train,
+        calibration=cfg.calibration))
     ck = store.last_checkpoint(sid)
     loop = LoopState(**ck.loop_state) if ck else LoopState()
     per_gen = 1 if opt.needs_gradient else cfg.popsize
@@ -69,8 +72,9 @@ def run(sess: Session, progress: bool = True) -> dict:
                         loop.tokens + loop.eval_tokens, cfg.max_tokens_total)
             break
         zs = opt.ask()
-        got = score_population(sess.backend, space, zs, sess.train, sess.y_train, cfg.loss, opt.needs_gradient)
-        opt.tell(zs, got.losses, got.grads)
+        got = score_population(sess.backend, space, zs, sess.train, sess.y_train, cfg.loss, opt.needs_gradient,
+                               cfg.calibration)
+        opt.tell(zs, got.losses, got.grads, got.logprobs)
         trials = []
         for i, (z, lo) in enumerate(zip(zs, got.losses)):
             metrics = {"accuracy": float((got.predictions[i] == sess.y_train).mean())}
@@ -78,6 +82,8 @@ def run(sess: Session, progress: bool = True) -> dict:
                 metrics.update(bytes_sent=got.bytes_sent // len(zs), bytes_received=got.bytes_received // len(zs))
             if got.texts is not None:
                 metrics["prompt"] = got.texts[i]
+            if got.biases is not None:
+                metrics["bias"] = [round(float(v), 6) for v in got.biases[i]]
             metrics.update(got.per_prompt[i] if got.per_prompt else {})
             tokens = metrics.pop("tokens", got.tokens // len(zs))
             if cfg.price_per_1k is not None:
@@ -87,7 +93,7 @@ def run(sess: Session, progress: bool = True) -> dict:
                                seconds=got.seconds / len(zs), backward_seconds=got.backward_seconds / len(zs),
                                state="complete"))
             if lo < loop.best_loss:
-                loop.best_loss, loop.best_trial = float(lo), loop.trials
+                loop.best_loss, loop.best_trial, loop.best_bias = float(lo), loop.trials, metrics.get("bias")
                 best_z = np.asarray(z)
             loop.trials += 1
         loop.calls += len(zs)
@@ -114,7 +120,8 @@ def run(sess: Session, progress: bool = True) -> dict:
 
 
 def _dev_eval(sess: Session, space, loop: LoopState, z: np.ndarray) -> dict:
-    m, tokens, secs = evaluate(sess.backend, space.decode(z[None]), sess.dev, sess.y_dev, sess.task.num_classes)
+    m, tokens, secs = evaluate(sess.backend, space.decode(z[None]), sess.dev, sess.y_dev, sess.task.num_classes,
+                               loop.best_bias)
     score = m[sess.metric]
     loop.eval_tokens += tokens
     loop.evaluated.append(loop.best_trial)
@@ -124,5 +131,6 @@ def _dev_eval(sess: Session, space, loop: LoopState, z: np.ndarray) -> dict:
     tie_won = sess.config.dev_ties == "loss" and score == loop.dev_best and m["loss"] < loop.dev_best_loss
     if score > loop.dev_best or tie_won:
         loop.dev_best, loop.dev_best_loss, loop.dev_best_trial = score, m["loss"], loop.best_trial
+        loop.dev_best_bias = loop.best_bias
     return dict(trial_number=loop.best_trial, split="dev", metrics=m, calls_at=loop.calls,
                 seconds_at=loop.seconds, tokens=tokens)

@@ -85,3 +85,54 @@ def test_ngopt_with_its_own_population_runs_clean():
         warnings.simplefilter("always")
         drive_wide(opt, 14)
     assert not [w for w in caught if "TPA" in str(w.message)]     # pycma's step-size adaptation saw whole generations
+
+
+def softmax_problem(dim=6, n=40, c=3, seed=0):
+    """Label scores linear in z, as a soft prompt's are for small steps: a loss whose scores ``gn`` can read."""
+    rng = np.random.default_rng(seed)
+    w, s0 = rng.normal(size=(n, c, dim)), rng.normal(size=(n, c))
+    y = (s0 + w @ np.linspace(-1, 1, dim)).argmax(-1)      # a prompt away from the start answers all of them
+    s0[:, 0] += 2.0                                         # while the start prefers one label
+
+    def scores(zs):
+        return s0 + np.einsum("ncd,pd->pnc", w, np.atleast_2d(zs))
+
+    return scores, y
+
+
+def drive_scores(opt, scores, y, generations):
+    from bbpt.objective import loss
+
+    best = np.inf
+    for _ in range(generations):
+        zs = opt.ask()
+        s = scores(zs)
+        opt.tell(zs, loss(s, y), None, s)
+        best = min(best, loss(s, y).min())
+    return best
+
+
+@pytest.mark.parametrize("calibration", ["none", "bias"])
+def test_gauss_newton_reads_the_scores_and_beats_cma_es_at_the_same_calls(calibration):
+    from bbpt.objective import loss
+
+    scores, y = softmax_problem()
+    kw = dict(labels=y, calibration=calibration, popsize=4, sigma0=0.3)
+    start = loss(scores(np.zeros(6)), y)[0]
+    # Scores exactly linear in z: the model is exact, so 5 generations (20 calls) reach the optimum (0.620 on
+    # this problem without calibration, checked with 100 generations), where CMA-ES is still at 0.88.
+    gn = drive_scores(make_optimizer("gn", settings(**kw)), scores, y, 5)
+    cma = drive_scores(make_optimizer("cma", settings(**kw)), scores, y, 5)
+    assert gn < cma - 0.1 and cma < start
+    assert gn < 0.5 * start     # (the loss here is uncalibrated; with calibration gn minimises the calibrated one)
+
+
+def test_gauss_newton_state_round_trip_and_needs_labels():
+    scores, y = softmax_problem()
+    a = make_optimizer("gn", settings(labels=y, popsize=4))
+    drive_scores(a, scores, y, 3)
+    b = make_optimizer("gn", settings(labels=y, popsize=4))
+    b.load_state(a.state())
+    np.testing.assert_array_equal(a.ask(), b.ask())
+    with pytest.raises(ValueError, match="needs the training labels"):
+        make_optimizer("gn", settings())

@@ -1,4 +1,4 @@
-"""Optimizers behind one ask/tell protocol: ``cma``, ``nevergrad:<Name>``, ``random``, ``backprop``."""
+"""Optimizers behind one ask/tell protocol: ``cma``, ``gn``, ``nevergrad:<Name>``, ``random``, ``backprop``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from bbpt.optimizers._base import Optimizer, OptimizerSettings
 
 __all__ = ["NAMES", "Optimizer", "OptimizerSettings", "make_optimizer", "needs_gradient"]
 
-NAMES = ("cma", "random", "backprop", "nevergrad:<Name>")
+NAMES = ("cma", "gn", "random", "backprop", "nevergrad:<Name>")
+BUILTIN = ("cma", "gn", "random", "backprop")
 
 
 def needs_gradient(spec: str) -> bool:
@@ -15,9 +16,9 @@ def needs_gradient(spec: str) -> bool:
 
 
 def validate_spec(spec: str) -> None:
-    if spec in ("cma", "random", "backprop") or (spec.startswith("nevergrad:") and spec.split(":", 1)[1]):
+    if spec in BUILTIN or (spec.startswith("nevergrad:") and spec.split(":", 1)[1]):
         return
-    raise ConfigError(f"unknown --optimizer {spec!r}; choose cma, random, backprop or nevergrad:NAME "
+    raise ConfigError(f"unknown --optimizer {spec!r}; choose cma, gn, random, backprop or nevergrad:NAME "
                       "(e.g. nevergrad:NGOpt)")
 
 
@@ -27,6 +28,10 @@ def make_optimizer(spec: str, settings: OptimizerSettings) -> Optimizer:
         from bbpt.optimizers.cma_es import CMAES
 
         return CMAES(settings)
+    if spec == "gn":
+        from bbpt.optimizers.gauss_newton import GaussNewton
+
+        return GaussNewton(settings)
     if spec == "random":
         from bbpt.optimizers.random_search import RandomSearch
 

@@ -1,7 +1,8 @@
 """The Optimizer protocol: ask/tell over vectors z, for derivative-free and gradient methods alike.
 
-``ask()`` returns the candidates to score next (``[k, dim]``); ``tell(zs, losses, grads)`` reports their
-losses (and gradients, for optimizers with ``needs_gradient``). ``state()`` serialises everything needed to
+``ask()`` returns the candidates to score next (``[k, dim]``); ``tell(zs, losses, grads, scores)`` reports
+their losses (and gradients, for optimizers with ``needs_gradient``; and the label scores ``[k, n, C]`` that
+gave the losses, which an optimizer may read, as ``gn`` does). ``state()`` serialises everything needed to
 continue the same search, random generators included, so a resumed study asks exactly what an uninterrupted
 one would have asked.
 """
@@ -26,6 +27,8 @@ class OptimizerSettings:
     lr: float = 0.01
     diagonal: bool = False      # CMA-ES: separable covariance (linear cost in d)
     bound: float = 0.0          # CMA-ES: box bound on each z_i (0 = none)
+    labels: np.ndarray | None = None    # the training labels (optimizers that model the scores: gn)
+    calibration: str = "none"           # how the loss treats the scores: "bias" fits a label bias first
 
 
 @runtime_checkable
@@ -34,7 +37,8 @@ class Optimizer(Protocol):
 
     def ask(self) -> np.ndarray: ...
 
-    def tell(self, zs: np.ndarray, losses: np.ndarray, grads: np.ndarray | None = None) -> None: ...
+    def tell(self, zs: np.ndarray, losses: np.ndarray, grads: np.ndarray | None = None,
+             scores: np.ndarray | None = None) -> None: ...
 
     def stop(self) -> dict: ...
 

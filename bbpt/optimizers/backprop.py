@@ -25,7 +25,7 @@ class Backprop:
     def ask(self) -> np.ndarray:
         return self.z.detach().numpy()[None].astype(np.float64)
 
-    def tell(self, zs, losses, grads=None) -> None:
+    def tell(self, zs, losses, grads=None, scores=None) -> None:
         if grads is None:
             raise ValueError("backprop needs gradients; the study loop passes them for needs_gradient=True")
         self.z.grad = self.torch.as_tensor(np.asarray(grads[0]), dtype=self.torch.float32)

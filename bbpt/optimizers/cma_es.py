@@ -40,7 +40,7 @@ class CMAES(PickledState):
             self.rng_state = np.random.get_state()
             np.random.set_state(saved)
 
-    def tell(self, zs, losses, grads=None) -> None:
+    def tell(self, zs, losses, grads=None, scores=None) -> None:
         self.es.tell(list(np.asarray(zs)), [float(v) for v in losses])
 
     def stop(self) -> dict:

@@ -37,7 +37,7 @@ class NevergradOptimizer(PickledState):
             self.pending = [self.opt.ask() for _ in range(self.popsize)]
         return np.stack([c.value for c in self.pending])
 
-    def tell(self, zs, losses, grads=None) -> None:
+    def tell(self, zs, losses, grads=None, scores=None) -> None:
         with self._library_errors("tell the losses of"):
             for cand, loss in zip(self.pending, losses):
                 self.opt.tell(cand, float(loss))

@@ -18,7 +18,7 @@ class RandomSearch(PickledState):
     def ask(self) -> np.ndarray:
         return self.x0 + self.sigma0 * self.rng.standard_normal((self.popsize, self.x0.size))
 
-    def tell(self, zs, losses, grads=None) -> None:
+    def tell(self, zs, losses, grads=None, scores=None) -> None:
         pass
 
     def stop(self) -> dict:

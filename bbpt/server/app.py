@@ -175,7 +175,8 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
         examples, _ = _inputs([Example(t, 0, p) for t, p in zip(req.texts, pairs)], entry.template.source,
                               list(entry.label_words), limits)
         lp, _ = await worker.score(entry.init, entry.delta, examples, entry.template, list(entry.label_words))
-        probs = np.exp(lp[0] - np.logaddexp.reduce(lp[0], axis=-1, keepdims=True))
+        scores = lp[0] + (0.0 if entry.bias is None else np.asarray(entry.bias))   # as eval and predict do
+        probs = np.exp(scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True))
         return {"prompt": entry.name, "predictions": [
             {"label": entry.label_names[int(p.argmax())], "probs": dict(zip(entry.label_names, p.tolist()))}
             for p in probs]}

@@ -29,6 +29,7 @@ class BankEntry:
     label_words: tuple[str, ...]
     label_names: tuple[str, ...]
     task: str
+    bias: tuple[float, ...] | None = None      # the prompt's calibration: added to its label log-probs
 
     def describe(self) -> dict:
         return dict(name=self.name, task=self.task, labels=list(self.label_names), tokens=int(self.delta.shape[1]))
@@ -47,7 +48,8 @@ def entry_from_saved(name: str, saved: SavedPrompt) -> BankEntry:
         init = PromptInit("zeros", m)      # the saved matrix is P itself
     return BankEntry(name=name, init=init, delta=np.asarray(saved.prompt, np.float32)[None],
                      template=Template(meta["template"]), label_words=tuple(meta["label_words"]),
-                     label_names=tuple(meta.get("label_names") or meta["label_words"]), task=str(meta.get("task")))
+                     label_names=tuple(meta.get("label_names") or meta["label_words"]), task=str(meta.get("task")),
+                     bias=None if saved.bias is None else tuple(saved.bias.tolist()))
 
 
 def load_bank(directory: str | Path | None, width: int) -> dict[str, BankEntry]:

@@ -17,7 +17,8 @@ import random
 import numpy as np
 
 import bbpt
-from bbpt.scoring import evaluate
+from bbpt.config import V1_MEANING
+from bbpt.scoring import evaluate, train_bias
 from bbpt.session import load_task_for
 from bbpt.storage import Storage
 from bbpt.studyspec.spec import BASELINE_SETTINGS, Planned
@@ -52,6 +53,8 @@ def baseline_config(p: Planned) -> dict:
 
 def baseline_differences(stored: dict, p: Planned) -> list[str]:
     want = baseline_config(p)
+    if stored.get("version", 1) < 2:      # what a key added since meant before it existed
+        stored = {**{k: v for k, v in V1_MEANING.items() if k in want}, **stored, "version": want["version"]}
     return sorted(k for k in set(stored) | set(want)
                   if k not in RESULT_NEUTRAL and stored.get(k) != want.get(k))
 
@@ -71,11 +74,18 @@ def run_baseline(p: Planned, storage: Storage, backend) -> dict:
         stored["template"] = source
         note = f"in-context learning: {p.arm.demos_per_class} train demonstration(s) per class in the prompt"
     evals, by = [], {}
+    # The same calibration as the tuned arms: a label bias fitted on this template's train scores.
+    bias, fit_tokens = train_bias(backend, None, backend.encode(task.train, task.template, task.label_words),
+                                  np.array([e.label for e in task.train]), cfg.calibration)
     for split in ("dev", "test"):
         examples = task.split(split)
         batch = backend.encode(examples, task.template, task.label_words)
-        m, tokens, _ = evaluate(backend, None, batch, np.array([e.label for e in examples]), task.num_classes)
-        evals.append(dict(trial_number=None, split=split, metrics=m, tokens=tokens, note=note))
+        m, tokens, _ = evaluate(backend, None, batch, np.array([e.label for e in examples]), task.num_classes,
+                                bias)
+        if bias is not None:
+            m["bias"] = [round(float(v), 6) for v in bias]
+        evals.append(dict(trial_number=None, split=split, metrics=m, tokens=tokens + fit_tokens, note=note))
+        fit_tokens = 0
         by[split] = m
     metric = "f1" if task.metric == "f1" else "accuracy"
     summary = dict(study=p.name, task=task.name, model=cfg.model, backend=cfg.backend, optimizer=p.arm.optimizer,
