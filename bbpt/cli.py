@@ -244,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which prompt is kept when several reach the best dev score: the earliest (default; the rule "
                         "of the committed studies) or the one with the lowest dev loss (finer than a score that moves "
                         "in steps of one dev example)")
+    g.add_argument("--test-curve", action="store_true", default=None,
+                   help="after the search, also score test for each prompt that dev selected on the way, so reports "
+                        "show test against calls and seconds (what stopping earlier would have given); costs one test "
+                        "scoring per change of the selected prompt, and never feeds back into the search or selection")
     g = p.add_argument_group("output")
     g.add_argument("--study", help="study name; an existing name resumes it (default: generated, printed)")
     _add_storage_args(g)

@@ -14,7 +14,8 @@ CONFIG_VERSION = 2
 V1_MEANING = {"calibration": "none"}
 
 # Keys that may change between a run and its resume without changing which trials it produces.
-RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every", "price_per_1k", "max_tokens_total"})
+RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every", "price_per_1k", "max_tokens_total",
+                         "test_curve"})
 SPACES = ("projected", "full", "discrete", "vocab")
 DEV_TIES = ("earliest", "loss")
 CALIBRATIONS = ("none", "bias")
@@ -71,6 +72,7 @@ class StudyConfig:
     calibration: str = "bias"
     eval_every: int | None = None       # in calls; None: a tenth of the budget
     dev_ties: str = "earliest"          # several prompts at the best dev score: keep the earliest, or lowest dev loss
+    test_curve: bool = False            # also score test for every prompt dev selected on the way (reports only)
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bbpt.selection import history
 from bbpt.storage import Storage
 
 METRIC = "accuracy"
@@ -35,6 +36,11 @@ class StudyReport:
     dev: float | None           # of the prompt selected on dev
     test: float | None          # of the same prompt, scored once at the end
     dev_scores: np.ndarray = field(default_factory=lambda: np.array([]))   # at each dev evaluation, as scored
+    # The test score of the prompt dev had selected, from each change of that choice (studies run with
+    # test_curve; empty otherwise): what stopping the search there would have given.
+    test_calls: np.ndarray = field(default_factory=lambda: np.array([]))
+    test_seconds: np.ndarray = field(default_factory=lambda: np.array([]))
+    test_scores: np.ndarray = field(default_factory=lambda: np.array([]))
 
     @property
     def dev_tied(self) -> bool:
@@ -63,6 +69,9 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
         selected = ck.loop_state.get("dev_best_trial") if ck else None
     score = {(e.trial_number, e.split): e.metrics.get(metric) for e in evals}
     dev_scores = np.array([e.metrics[metric] for e in dev])
+    kept = history(dev, metric, row.config.get("dev_ties", "earliest"))
+    if not kept or any((e.trial_number, "test") not in score for e in kept):
+        kept = []          # no test curve (or a partial one, which would draw a wrong step)
     return StudyReport(
         name=name, optimizer=row.config["optimizer"], state=row.state,
         calls=np.cumsum([t.calls for t in trials]), seconds=np.cumsum([t.seconds for t in trials]),
@@ -70,7 +79,9 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
         tokens=sum(t.tokens for t in trials),
         dev_calls=np.array([e.calls_at for e in dev]), dev_seconds=np.array([e.seconds_at for e in dev]),
         best_dev=np.maximum.accumulate(dev_scores) if dev else dev_scores,
-        dev=score.get((selected, "dev")), test=score.get((selected, "test")), dev_scores=dev_scores)
+        dev=score.get((selected, "dev")), test=score.get((selected, "test")), dev_scores=dev_scores,
+        test_calls=np.array([e.calls_at for e in kept]), test_seconds=np.array([e.seconds_at for e in kept]),
+        test_scores=np.array([score[(e.trial_number, "test")] for e in kept]))
 
 
 def format_table(reports: list[StudyReport], target: float | None = None) -> str:
@@ -127,9 +138,20 @@ def dev_curve(r: StudyReport, axis: str) -> tuple[np.ndarray, np.ndarray]:
     scores a candidate on dev only when it is a new best on train, so after the last evaluation the best dev
     score stands until the search ends, and a curve stopping there would read as a shorter search."""
     x, end = (r.dev_calls, r.calls) if axis == "calls" else (r.dev_seconds, r.seconds)
+    return _held(x, r.best_dev, end)
+
+
+def test_curve(r: StudyReport, axis: str) -> tuple[np.ndarray, np.ndarray]:
+    """The test score of the prompt selected on dev so far, against ``axis``, held flat to the last trial
+    (empty for a study run without ``test_curve``). Unlike the dev curve it can go down: dev chooses."""
+    x, end = (r.test_calls, r.calls) if axis == "calls" else (r.test_seconds, r.seconds)
+    return _held(x, r.test_scores, end)
+
+
+def _held(x: np.ndarray, y: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(x) and len(end) and end[-1] > x[-1]:
-        return np.append(x, end[-1]), np.append(r.best_dev, r.best_dev[-1])
-    return x, r.best_dev
+        return np.append(x, end[-1]), np.append(y, y[-1])
+    return x, y
 
 
 def _read_steps(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -139,39 +161,45 @@ def _read_steps(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
 
 
 def band_figure(arms: list[tuple[str, list[StudyReport]]], *, levels: list[tuple[str, float]] = (),
-                metric: str = METRIC, title: str = ""):
+                test_levels: list[tuple[str, float]] = (), metric: str = METRIC, title: str = ""):
     """Best-so-far dev ``metric`` against calls and against seconds, one band per arm: the mean over its
-    studies (seeds) as a line and their min-to-max range shaded. Colours follow the order of ``arms`` (pass
-    every arm, even one without studies yet, so an arm keeps its colour across figures). ``levels`` are arms
-    with no search (a manual prompt), drawn as flat dashed lines at their mean dev score."""
+    studies (seeds) as a line and their min-to-max range shaded; and, when studies have test curves, a second
+    row with the test score of the prompt selected on dev so far. Colours follow the order of ``arms`` (pass
+    every arm, even one without studies yet, so an arm keeps its colour across figures). ``levels`` (and
+    ``test_levels``) are arms with no search (a manual prompt), drawn as flat dashed lines at their mean."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(12.5, 4.5), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for i, (label, reports) in enumerate(arms):
-        reports = [r for r in reports if len(r.best_dev)]
-        if not reports:
-            continue
-        for ax, axis in zip(axes, ("calls", "seconds")):
-            curves = [dev_curve(r, axis) for r in reports]
-            # Start where every seed has its first dev score: a mean over the seeds that happen to have one
-            # would drop when a slower seed joins, drawing a best-so-far curve that goes down.
-            grid = np.unique(np.concatenate([x for x, _ in curves]))
-            grid = grid[grid >= max(x[0] for x, _ in curves)]
-            ys = np.array([_read_steps(x, y, grid) for x, y in curves])
-            ax.step(grid, np.nanmean(ys, 0), where="post", color=f"C{i % 10}", label=f"{label} ({len(reports)})")
-            ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), step="post", color=f"C{i % 10}",
-                            alpha=0.12, linewidth=0)
-    for k, (label, value) in enumerate(levels):
-        for ax in axes:
-            ax.axhline(value, color=f"C{(len(arms) + k) % 10}", linestyle="--", linewidth=1, label=label)
-    for ax, xlabel in zip(axes, ("calls (forward passes over the training batch)",
-                                 "seconds (scoring, backward included)")):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"best dev {metric} so far")
-        ax.grid(alpha=0.3)
+    rows = [("dev", dev_curve, f"best dev {metric} so far", levels)]
+    if any(len(r.test_scores) for _, reports in arms for r in reports):
+        rows.append(("test", test_curve, f"test {metric} of the prompt\nselected on dev so far", test_levels))
+    fig = Figure(figsize=(12.5, 4.5 * len(rows)), layout="constrained")
+    axes = np.asarray(fig.subplots(len(rows), 2)).reshape(len(rows), 2)
+    for row_axes, (what, curve, ylabel, flat) in zip(axes, rows):
+        for i, (label, reports) in enumerate(arms):
+            reports = [r for r in reports if len(curve(r, "calls")[0])]
+            if not reports:
+                continue
+            for ax, axis in zip(row_axes, ("calls", "seconds")):
+                curves = [curve(r, axis) for r in reports]
+                # Start where every seed has its first point: a mean over the seeds that happen to have one
+                # would jump when a slower seed joins.
+                grid = np.unique(np.concatenate([x for x, _ in curves]))
+                grid = grid[grid >= max(x[0] for x, _ in curves)]
+                ys = np.array([_read_steps(x, y, grid) for x, y in curves])
+                ax.step(grid, np.nanmean(ys, 0), where="post", color=f"C{i % 10}",
+                        label=f"{label} ({len(reports)})")
+                ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), step="post", color=f"C{i % 10}",
+                                alpha=0.12, linewidth=0)
+        for k, (label, value) in enumerate(flat):
+            for ax in row_axes:
+                ax.axhline(value, color=f"C{(len(arms) + k) % 10}", linestyle="--", linewidth=1, label=label)
+        for ax, xlabel in zip(row_axes, ("calls (forward passes over the training batch)",
+                                         "seconds (scoring, backward included)")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
     # Beside the panels, not on them: with eight arms a legend inside hides the curves.
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize="small", title="arm (seeds):\nmean, min-max",
                title_fontsize="small")
     fig.suptitle(title)

@@ -169,6 +169,8 @@ class Session:
             evals.append(dict(trial_number=sel, split="test", metrics=m, tokens=tokens, calls_at=loop.calls,
                               seconds_at=loop.seconds, note="selected on dev; scored once"))
         store.add_evaluations(sid, evals)
+        if cfg.test_curve:
+            self._test_curve(space, done | {(e["trial_number"], e["split"]) for e in evals})
         by = {(e.trial_number, e.split): e.metrics for e in store.evaluations(sid)}
         summary = dict(
             study=self.name, task=self.task.name, model=cfg.model, backend=cfg.backend, optimizer=cfg.optimizer,
@@ -185,6 +187,26 @@ class Session:
         summary.update(self._spending(loop))
         store.update_study(self.name, state="complete", summary=summary)
         return summary
+
+    def _test_curve(self, space, done: set) -> None:
+        """Test scores of every prompt that dev had selected at some point of the search, so a report can say
+        what stopping earlier would have given. Scored after the search, never read by it or by selection."""
+        from bbpt.selection import history
+
+        sid = self.study_id
+        dev = sorted((e for e in self.storage.evaluations(sid) if e.split == "dev" and e.trial_number is not None
+                      and e.trial_number >= 0), key=lambda e: (e.calls_at, e.id))
+        y_test = np.array([e.label for e in self.task.test])
+        for e in history(dev, self.metric, self.config.dev_ties):
+            if (e.trial_number, "test") in done:
+                continue
+            trial = self.storage.trial(sid, e.trial_number)
+            m, tokens, _ = evaluate(self.backend, space.decode(self.trial_z(e.trial_number)[None]),
+                                    self._encode_test(), y_test, self.task.num_classes, trial.metrics.get("bias"))
+            self.storage.add_evaluations(sid, [dict(
+                trial_number=e.trial_number, split="test", metrics=m, tokens=tokens, calls_at=e.calls_at,
+                seconds_at=e.seconds_at, note="test curve: the prompt dev had selected by then; reporting only")])
+            done.add((e.trial_number, "test"))
 
     def _encode_test(self):
         if not hasattr(self, "_test"):

@@ -16,6 +16,7 @@ from bbpt.config import StudyConfig
 from bbpt.errors import StudyError
 from bbpt.optimizers import OptimizerSettings, make_optimizer
 from bbpt.scoring import evaluate, score_population
+from bbpt.selection import improves
 from bbpt.session import Session
 
 log = logging.getLogger(__name__)
@@ -126,10 +127,7 @@ def _dev_eval(sess: Session, space, loop: LoopState, z: np.ndarray) -> dict:
     loop.eval_tokens += tokens
     loop.evaluated.append(loop.best_trial)
     loop.dev_last = score
-    # With a few dozen dev examples ties are common (half the suite's studies). By default they go to the earlier
-    # (already selected) trial; --dev-ties loss lets the dev loss, which still moves when no answer does, decide.
-    tie_won = sess.config.dev_ties == "loss" and score == loop.dev_best and m["loss"] < loop.dev_best_loss
-    if score > loop.dev_best or tie_won:
+    if improves(score, m["loss"], loop.dev_best, loop.dev_best_loss, sess.config.dev_ties):
         loop.dev_best, loop.dev_best_loss, loop.dev_best_trial = score, m["loss"], loop.best_trial
         loop.dev_best_bias = loop.best_bias
     return dict(trial_number=loop.best_trial, split="dev", metrics=m, calls_at=loop.calls,

@@ -38,3 +38,29 @@ def test_dev_ties_keep_the_earliest_or_the_lowest_dev_loss(tmp_path, tiny_model_
 def test_an_unknown_tie_rule_is_named():
     with pytest.raises(ConfigError, match="--dev-ties 'first' is invalid: it must be earliest or loss"):
         StudyConfig(dev_ties="first")
+
+
+def test_a_test_curve_scores_each_prompt_dev_kept_and_changes_nothing_else(tmp_path, tiny_model_dir):
+    from bbpt.report import gather, test_curve
+    from study_helpers import trial_rows
+
+    url = f"sqlite:///{tmp_path / 'curve.db'}"
+    for name, extra in (("plain", ()), ("curve", ("--test-curve",))):
+        args = optimize_args(tiny_model_dir, url, name, budget=40, runs_dir=tmp_path / "runs",
+                             extra=("--eval-every", "4", "--dev-ties", "loss", *extra))
+        done = cli(args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    storage = Storage(url)
+    assert [r[1:] for r in trial_rows(url, "plain")] == [r[1:] for r in trial_rows(url, "curve")]
+
+    def tests(name):
+        return [e for e in storage.evaluations(storage.require_study(name).id)
+                if e.split == "test" and e.trial_number is not None]
+
+    assert len(tests("plain")) == 1 and not len(gather(storage, "plain").test_scores)
+    curve = gather(storage, "curve")
+    assert len(tests("curve")) == len(curve.test_scores) > 1, "this seed no longer changes the kept prompt twice"
+    # The curve ends at the selected prompt's test score, the one the summary reports.
+    assert curve.test_scores[-1] == storage.require_study("curve").summary["test"] == curve.test
+    x, y = test_curve(curve, "calls")
+    assert x[-1] == curve.calls[-1] and list(x[:-1]) == sorted(x[:-1])

@@ -14,10 +14,14 @@ remote backend returns the same scores, so it works behind ``--backend api`` too
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from bbpt.objective import BIAS_RIDGE
 from bbpt.optimizers._base import OptimizerSettings, PickledState
+
+log = logging.getLogger(__name__)
 
 GROW, SHRINK = 2.0, 0.5        # trust radius after a step that went as modelled / one that did not
 MEMORY = 2                     # generations of points kept for the model (older ones were fitted elsewhere)
@@ -60,6 +64,7 @@ class GaussNewton(PickledState):
         zs, scores = np.asarray(zs, dtype=float), np.asarray(scores, dtype=float)
         f = np.array([self._loss(s) for s in scores])
         best = int(np.argmin(f))
+        losses_hoped = self.predicted
         if np.isfinite(self.center_loss):
             gain, hoped = self.center_loss - f[0], self.center_loss - self.predicted
             good = hoped > 0 and gain > 0.5 * hoped
@@ -69,6 +74,9 @@ class GaussNewton(PickledState):
             self.center, self.center_scores, self.center_loss = zs[best].copy(), scores[best].copy(), f[best]
         self.memory = (self.memory + [(zs, scores)])[-MEMORY:]
         self.proposal, self.predicted = self._step()
+        log.debug("gn: proposal %.4f (model said %.4f), best probe %.4f, center %.4f; radius %.3g, next step "
+                  "models %.4f", f[0], losses_hoped, f[1:].min() if len(f) > 1 else np.nan, self.center_loss,
+                  self.radius, self.predicted)
 
     def _loss(self, s: np.ndarray) -> float:
         return _fit(s[None], self.labels, None, self.calibrate)[0]

@@ -135,10 +135,11 @@ def _plot(spec: StudySpec, task: str, cells, metric: str, out: Path) -> Path | N
     arms = [(a.name, [r for r, _ in cells.get((task, a.name), [])]) for a in spec.arms if a.tuned]
     if not any(len(r.best_dev) for _, reports in arms for r in reports):
         return None
-    levels = [(f"{a.name} (mean)", float(np.mean([s["dev"] for _, s in cells[(task, a.name)]])))
-              for a in spec.arms if not a.tuned and cells.get((task, a.name))]
+    levels = {split: [(f"{a.name} (mean)", float(np.mean([s[split] for _, s in cells[(task, a.name)]])))
+                      for a in spec.arms if not a.tuned and cells.get((task, a.name))] for split in ("dev", "test")}
     path = out.parent / f"{spec.name}-{task}.png"
-    band_figure(arms, levels=levels, metric=metric, title=f"{spec.name}: {task}").savefig(path, dpi=110)
+    band_figure(arms, levels=levels["dev"], test_levels=levels["test"], metric=metric,
+                title=f"{spec.name}: {task}").savefig(path, dpi=110)
     return path
 
 
