@@ -32,7 +32,7 @@ from adapters.http_client import HttpClient, HttpStatusError, root_url, served_m
 from adapters.topk import NO_MASS, label_floor, warn_missing
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit
-from bbpt.server.wire import encode_embeds
+from bbpt.wire import encode_embeds
 from bbpt.tasks import Example, Template
 
 log = logging.getLogger(__name__)

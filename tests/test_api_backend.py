@@ -3,6 +3,8 @@ survive a server restart and a faulty network with every trial intact."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -98,6 +100,13 @@ def test_unreachable_server_raises_backend_error_after_retries(monkeypatch):
     monkeypatch.setenv("BBPT_HTTP_RETRIES", "2")
     with pytest.raises(BackendError, match="after 2 attempt"):
         make_backend("api", endpoint="http://127.0.0.1:9", model="x")
+
+
+def test_clients_import_the_wire_format_downward_not_the_server_package():
+    code = ("import sys, adapters.api, adapters.vllm; "
+            "print(sorted(m for m in sys.modules if m.startswith('bbpt.server')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_study_survives_a_server_killed_and_restarted(tiny_model_dir, tmp_path, local_run):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bbpt.prompt import PromptInit, SavedPrompt
-from bbpt.server.wire import encode_array, encode_embeds
+from bbpt.wire import encode_array, encode_embeds
 from bbpt.tasks import Example, Template
 from serve_helpers import ServerProcess
 

@@ -13,7 +13,7 @@ import uuid
 from collections import defaultdict
 
 from bbpt.server.protocol import CompletionRequest, Limits
-from bbpt.server.wire import RequestError, decode_embeds
+from bbpt.wire import RequestError, decode_embeds
 
 
 def check_request(req: CompletionRequest, limits: Limits, vocab_size: int) -> None:
