@@ -83,6 +83,9 @@ def test_dev_shots_sets_the_dev_set_selection_and_eval_use(tiny_model_dir, stora
     assert json.loads(capsys.readouterr().out)["examples"] == 2 * 2
 
 
+DATA = ["--template", "{text}", "--labels", " negative", " positive", "--data"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--prompt-tokens", "0"], "--prompt-tokens 0 is invalid"),
@@ -91,10 +94,12 @@ def test_dev_shots_sets_the_dev_set_selection_and_eval_use(tiny_model_dir, stora
     (["--labels", " good", " goodish"], "start with the same token"),
     (["--sigma0", "nan"], "--sigma0 nan is invalid"),
     (["--dev-shots", "0"], "--dev-shots 0 is invalid"),
+    ([*DATA, "{tmp}/utf16.csv"], "utf16.csv:1 is not UTF-8 text"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tiny_model_dir, storage_url, tmp_path, args, message):
+    (tmp_path / "utf16.csv").write_bytes("text,label\ngreat,1\n".encode("utf-16"))   # a spreadsheet's export
     r = run_cli("optimize", "--model", tiny_model_dir, "--storage", storage_url, "--budget", "4",
-                "--popsize", "2", "--no-progress", *args)
+                "--popsize", "2", "--no-progress", *(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     from bbpt.storage import Storage
