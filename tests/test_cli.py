@@ -105,3 +105,10 @@ def test_bad_input_exits_2_with_a_clear_message(tiny_model_dir, storage_url, tmp
     from bbpt.storage import Storage
 
     assert Storage(storage_url).list_studies() == []   # bad input writes nothing
+
+
+def test_a_mistyped_number_prints_the_error_and_where_to_look_not_the_usage():
+    r = run_cli("optimize", "--budget", "abc")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == ["bbpt optimize: error: argument --budget: invalid int value: 'abc'",
+                                     "For more information, try 'bbpt optimize --help'."]
