@@ -83,6 +83,7 @@ def test_dev_shots_sets_the_dev_set_selection_and_eval_use(tiny_model_dir, stora
     assert json.loads(capsys.readouterr().out)["examples"] == 2 * 2
 
 
+DEAD = "http://127.0.0.1:9"      # the discard port: nothing listens, the connection is refused at once
 DATA = ["--template", "{text}", "--labels", " negative", " positive", "--data"]
 
 
@@ -95,6 +96,7 @@ DATA = ["--template", "{text}", "--labels", " negative", " positive", "--data"]
     (["--sigma0", "nan"], "--sigma0 nan is invalid"),
     (["--dev-shots", "0"], "--dev-shots 0 is invalid"),
     ([*DATA, "{tmp}/utf16.csv"], "utf16.csv:1 is not UTF-8 text"),
+    (["--backend", "api", "--endpoint", DEAD], f"cannot connect to {DEAD}"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tiny_model_dir, storage_url, tmp_path, args, message):
     (tmp_path / "utf16.csv").write_bytes("text,label\ngreat,1\n".encode("utf-16"))   # a spreadsheet's export
