@@ -92,11 +92,15 @@ DATA = ["--template", "{text}", "--labels", " negative", " positive", "--data"]
     (["--prompt-tokens", "0"], "--prompt-tokens 0 is invalid"),
     (["--template", "Sentiment:"], r"has no {text} field"),
     (["--optimizer", "adam"], "unknown --optimizer 'adam'"),
+    (["--optimizer", "nevergrad:NoSuchOptimizer"], "unknown Nevergrad optimizer 'NoSuchOptimizer'"),
     (["--labels", " good", " goodish"], "start with the same token"),
     (["--sigma0", "nan"], "--sigma0 nan is invalid"),
     (["--dev-shots", "0"], "--dev-shots 0 is invalid"),
     ([*DATA, "{tmp}/utf16.csv"], "utf16.csv:1 is not UTF-8 text"),
+    (["--backend", "nope"], "unknown --backend 'nope'"),
     (["--backend", "api", "--endpoint", DEAD], f"cannot connect to {DEAD}"),
+    (["--backend", "api", "--endpoint", DEAD, "--optimizer", "backprop"], "backprop needs local weights"),
+    (["--backend", "openai", "--endpoint", DEAD], "--backend openai scores text prompts only"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tiny_model_dir, storage_url, tmp_path, args, message):
     (tmp_path / "utf16.csv").write_bytes("text,label\ngreat,1\n".encode("utf-16"))   # a spreadsheet's export
