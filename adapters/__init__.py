@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from adapters._base import Backend, CachingBackend, GradientBackend, ModelInfo, ScoreResult
 
-__all__ = ["BACKENDS", "Backend", "CachingBackend", "GradientBackend", "ModelInfo", "ScoreResult", "make_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendKind", "CachingBackend", "GradientBackend", "ModelInfo", "ScoreResult",
+           "backend_kind", "make_backend"]
 
-BACKENDS = ("local", "api", "vllm", "openai")
+
+@dataclass(frozen=True)
+class BackendKind:
+    """What a kind of backend can do, known from ``--backend`` alone, so settings it cannot serve are refused
+    before a model is loaded or a server asked; an open backend's ``info()`` reports the same."""
+
+    gradients: bool
+    prompt_kinds: tuple[str, ...]
+
+
+BACKENDS = {"local": BackendKind(True, ("soft", "text")), "api": BackendKind(False, ("soft",)),
+            "vllm": BackendKind(False, ("soft",)), "openai": BackendKind(False, ("text",))}
+
+
+def backend_kind(kind: str) -> BackendKind:
+    from bbpt.errors import ConfigError
+
+    if kind not in BACKENDS:
+        raise ConfigError(f"unknown --backend {kind!r}; available: {', '.join(BACKENDS)}")
+    return BACKENDS[kind]
 
 
 def make_backend(kind: str, **kwargs) -> Backend:
     """Build a backend by kind; imports are lazy so unused backends cost nothing."""
-    from bbpt.errors import ConfigError
-
+    backend_kind(kind)
     if kind == "local":
         from adapters.hf import HFBackend
 
@@ -33,4 +54,3 @@ def make_backend(kind: str, **kwargs) -> Backend:
         return OpenAITextBackend(kwargs.get("endpoint"), model=kwargs.get("model"), api_key=kwargs.get("api_key"),
                                  chat=kwargs.get("chat", False), logprobs=kwargs.get("logprobs", True),
                                  top_logprobs=kwargs.get("top_logprobs"))
-    raise ConfigError(f"unknown --backend {kind!r}; available: {', '.join(BACKENDS)}")

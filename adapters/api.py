@@ -18,7 +18,7 @@ from adapters._base import ModelInfo, ScoreResult
 from adapters.http_client import HttpClient, root_url, served_model
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit
-from bbpt.server.wire import WIRE_DTYPES, encode_array
+from bbpt.wire import WIRE_DTYPES, read_score_response, score_request
 from bbpt.tasks import Example, Template
 
 
@@ -75,24 +75,23 @@ class ApiBackend:
         slots, payloads = [], []
         for c0 in range(0, pop, cand_step):
             for e0 in range(0, batch.n, ex_step):
-                p = dict(model=self._info.name, examples=batch.examples[e0:e0 + ex_step], template=batch.template,
-                         label_words=batch.label_words)
-                if deltas is not None:
-                    p["init"] = dict(kind=self.init.kind, tokens=self.init.tokens, seed=self.init.seed,
-                                     text=self.init.text)
-                    p["deltas"] = encode_array(deltas[c0:c0 + cand_step], self.wire_dtype)
                 slots.append((c0, e0))
-                payloads.append(p)
+                payloads.append(score_request(
+                    self._info.name, batch.examples[e0:e0 + ex_step], batch.template, batch.label_words,
+                    init=self.init, deltas=None if deltas is None else deltas[c0:c0 + cand_step],
+                    dtype=self.wire_dtype))
         replies = self.http.post_many("/v1/score", payloads)
         out = np.empty((pop, batch.n, len(batch.label_words)), np.float32)
+        tokens = 0
         for (c0, e0), r in zip(slots, replies):
             block = out[c0:c0 + cand_step, e0:e0 + ex_step]
-            lp = np.asarray(r.body.get("logprobs"), dtype=np.float32)
+            lp, used = read_score_response(r.body)
             if lp.shape != block.shape:
                 raise BackendError(f"{self.http.base_url}/v1/score returned log-probs of shape {lp.shape}, "
                                    f"expected {block.shape}; is it a bbpt serve of the same version?")
             block[...] = lp
-        return ScoreResult(logprobs=out, tokens=sum(int(r.body["usage"]["prompt_tokens"]) for r in replies),
+            tokens += used
+        return ScoreResult(logprobs=out, tokens=tokens,
                            bytes_sent=sum(r.bytes_sent for r in replies),
                            bytes_received=sum(r.bytes_received for r in replies))
 

@@ -8,7 +8,10 @@ call that fans out into many requests (chunks of a population) sends them concur
 Retried: connection errors, timeouts, resets (any ``httpx.TransportError``), 408, 429 and 5xx. A
 ``Retry-After`` header is honoured (capped at the longest backoff, so a server cannot stall a study forever).
 Anything else (401, 400, 404, 413) is the request's fault and fails at once. When the retries are spent the
-call raises :class:`bbpt.errors.BackendError`, so a failed call never becomes a trial.
+call raises :class:`bbpt.errors.BackendError`, so a failed call never becomes a trial. A connection that
+cannot be made to a server that has never answered this client (refused, no such host, connect timeout) is
+not retried either: that is a wrong ``--endpoint`` or a server not started, which a minute of backoff cannot
+mend. Once the server has answered, the same failure is a restart or a network blip, and is retried.
 
 Environment: ``BBPT_HTTP_TIMEOUT`` (seconds to wait for a response, default 600: a CPU server scoring a full
 population takes minutes), ``BBPT_HTTP_RETRIES`` (attempts per request, default 8, about a minute of backoff).
@@ -33,6 +36,7 @@ from bbpt.errors import BackendError, ConfigError
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+CONNECT_FAILURES = (httpx.ConnectError, httpx.ConnectTimeout)     # retried only once the server has answered
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,6 @@ class _BackoffOrRetryAfter(tenacity.wait.wait_base):
         return min(after, self.policy.max_wait) if after is not None else self.backoff(state)
 
 
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, (httpx.TransportError, RetryableStatus))
-
-
 def _retry_after(value: str | None) -> float | None:
     """Seconds from a Retry-After header: a number, or an HTTP date."""
     if not value:
@@ -121,6 +121,7 @@ class HttpClient:
                  connect_timeout: float = 10.0, max_concurrency: int = 4, retry: RetryPolicy | None = None):
         self.base_url = base_url.rstrip("/")
         self.retry = retry or RetryPolicy.from_env()
+        self.answered = False         # has the server ever sent a response (any status) to this client?
         timeout = timeout if timeout is not None else float(os.environ.get("BBPT_HTTP_TIMEOUT", 600))
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._loop = asyncio.new_event_loop()
@@ -152,13 +153,18 @@ class HttpClient:
 
         return self._submit(all_of())
 
+    def _retryable(self, exc: BaseException) -> bool:
+        if isinstance(exc, CONNECT_FAILURES) and not self.answered:
+            return False
+        return isinstance(exc, (httpx.TransportError, RetryableStatus))
+
     async def _request(self, method: str, path: str, payload: dict | None) -> Reply:
         body = None if payload is None else json.dumps(payload).encode()
         traffic = _Traffic()
         start = time.perf_counter()
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(self.retry.attempts), wait=_BackoffOrRetryAfter(self.retry),
-            retry=tenacity.retry_if_exception(_retryable), reraise=True,
+            retry=tenacity.retry_if_exception(self._retryable), reraise=True,
             before_sleep=lambda s: log.warning("%s %s failed (%s); retry %d of %d", method, path,
                                                s.outcome.exception(), s.attempt_number, self.retry.attempts - 1))
         try:
@@ -168,6 +174,9 @@ class HttpClient:
                     reply.seconds = time.perf_counter() - start
                     return reply
         except (httpx.TransportError, RetryableStatus) as e:
+            if isinstance(e, CONNECT_FAILURES) and not self.answered:
+                raise BackendError(f"cannot connect to {self.base_url} ({type(e).__name__}: {e}), and no server has "
+                                   "answered there yet; start it (e.g. `bbpt serve`) or fix --endpoint") from None
             raise BackendError(f"{method} {self.base_url}{path} failed after {traffic.attempts} attempt(s): "
                                f"{type(e).__name__}: {e}; is the server running and reachable? "
                                "(BBPT_HTTP_RETRIES sets the attempts)") from None
@@ -178,6 +187,7 @@ class HttpClient:
             traffic.sent += len(body or b"")
             r = await self._client.request(method, path, content=body,
                                            headers={"Content-Type": "application/json"} if body else None)
+            self.answered = True
             traffic.received += r.num_bytes_downloaded
         if r.status_code in RETRY_STATUSES:
             raise RetryableStatus(r.status_code, _message(r), _retry_after(r.headers.get("retry-after")))

@@ -32,7 +32,7 @@ from adapters.http_client import HttpClient, HttpStatusError, root_url, served_m
 from adapters.topk import NO_MASS, label_floor, warn_missing
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit
-from bbpt.server.wire import encode_embeds
+from bbpt.wire import encode_embeds
 from bbpt.tasks import Example, Template
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,12 @@ class VLLMBackend:
             self.wire_dtype = getattr(torch, dtype)
         except AttributeError:
             raise ConfigError(f"unknown --dtype {dtype!r}; use float32, bfloat16 or float16") from None
+        base_url = root_url(endpoint)       # a malformed --endpoint is refused before the embeddings are read
         path = resolve_model(model)
         weight, config = load_input_embeddings(path)
         self.local = HFBackend(model, device="cpu", model_obj=_embedding_only(weight, config),
                                tokenizer=AutoTokenizer.from_pretrained(path))
-        self.http = HttpClient(root_url(endpoint), api_key=api_key, max_concurrency=max_concurrency)
+        self.http = HttpClient(base_url, api_key=api_key, max_concurrency=max_concurrency)
         card = served_model(self.http, [model, path], allow_single=True)
         width = self.local.info().hidden_size
         if card.get("hidden_size") not in (None, width):

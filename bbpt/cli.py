@@ -31,6 +31,14 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is the one line that matters and where to read more, as git and cargo print it, not the
+    whole usage above it. Subcommand parsers are made of the same class, so each names its own --help."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\nFor more information, try '{self.prog} --help'.\n")
+
+
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Show a default only where there is one worth reading (not None/False) and the help text does not
     already say it."""
@@ -189,7 +197,7 @@ def _add_study_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bbpt", description="Tune prompts for language models: backprop into a soft prompt when the "
         "weights are local, derivative-free search (CMA-ES, Nevergrad) when only scores come back.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

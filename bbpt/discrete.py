@@ -28,6 +28,7 @@ import numpy as np
 from bbpt.errors import ConfigError
 from bbpt.prompt import ProjectedSpace, PromptInit, TextPrompts
 from bbpt.tasks import Example
+from bbpt.tasks.loaders import not_utf8
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,11 @@ def read_vocab(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--vocab {path!r} is not a file; give a text file with one candidate word per line")
-    words = list(dict.fromkeys(ln.strip() for ln in p.read_text().splitlines() if ln.strip()))
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"--vocab {not_utf8(p)}") from None
+    words = list(dict.fromkeys(ln.strip() for ln in text.splitlines() if ln.strip()))
     if len(words) < 2:
         raise ConfigError(f"--vocab {path!r} has {len(words)} distinct word(s); give at least 2, one per line")
     return words

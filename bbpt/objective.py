@@ -79,7 +79,8 @@ def fit_bias(logprobs, labels, ridge: float = BIAS_RIDGE, iters: int = 50) -> np
             if not worse.any():
                 break
             t[worse] *= 0.5
-        b, f_old, f = b - t[:, None] * step, f, objective(b - t[:, None] * step)
+        b = b - t[:, None] * step
+        f = objective(b)
         if np.abs(grad).max() < 1e-9:
             break
     return b

@@ -17,6 +17,7 @@ import numpy as np
 import bbpt
 from bbpt.config import StudyConfig
 from bbpt.errors import ConfigError, StudyError
+from bbpt.optimizers import OptimizerSettings, check_available, make_optimizer
 from bbpt.prompt import PromptInit, SavedPrompt, TextPrompts, make_space
 from bbpt.scoring import evaluate, train_bias
 from bbpt.storage import Storage
@@ -55,18 +56,38 @@ def open_backend(cfg: StudyConfig, api_key: str | None = None):
                         top_logprobs=cfg.top_logprobs)
 
 
-def make_prompt_space(cfg: StudyConfig, task: Task, init: PromptInit, info):
-    """The search space: soft (offsets ΔP for the backend's P0) or discrete (text), checked against what the
-    backend can score, so a text-only API asked for a soft prompt fails here, before anything is stored."""
-    from bbpt.discrete import TEXT_SPACES, make_text_space
+def check_capabilities(cfg: StudyConfig, gradients: bool, prompt_kinds: tuple[str, ...], backend: str) -> None:
+    """The settings against what a backend can do: backprop needs gradients, a space needs the kind of prompt it
+    makes. Checked on ``--backend`` alone before a backend is opened (no model loaded, no server asked), and
+    again on what the opened backend reports."""
+    from bbpt.discrete import TEXT_SPACES
 
+    if cfg.optimizer == "backprop" and not gradients:
+        raise ConfigError(f"--optimizer backprop needs local weights, but {backend} only returns scores; use a "
+                          "derivative-free optimizer (cma, nevergrad:NGOpt) or --backend local")
     kind = "text" if cfg.space in TEXT_SPACES else "soft"
-    if kind not in info.prompt_kinds:
+    if kind not in prompt_kinds:
         fix = ("--space discrete (tokens near P0 + A z) or --space vocab (a word per position)" if kind == "soft"
                else "--space projected")
-        raise ConfigError(f"backend {cfg.backend!r} ({info.name}) scores {' and '.join(info.prompt_kinds)} prompts "
-                          f"only, and --space {cfg.space} makes {kind} prompts; use {fix}")
-    if kind == "text":
+        raise ConfigError(f"{backend} scores {' and '.join(prompt_kinds)} prompts only, and --space {cfg.space} "
+                          f"makes {kind} prompts; use {fix}")
+
+
+def check_flags(cfg: StudyConfig) -> None:
+    """What the settings alone decide, before any data file, model or server is touched."""
+    from adapters import backend_kind
+
+    kind = backend_kind(cfg.backend)
+    check_capabilities(cfg, kind.gradients, kind.prompt_kinds, f"--backend {cfg.backend}")
+    check_available(cfg.optimizer)
+
+
+def make_prompt_space(cfg: StudyConfig, task: Task, init: PromptInit, info):
+    """The search space: soft (offsets ΔP for the backend's P0) or discrete (text); the backend's kinds are
+    checked first (:func:`check_capabilities`)."""
+    from bbpt.discrete import TEXT_SPACES, make_text_space
+
+    if cfg.space in TEXT_SPACES:
         return make_text_space(cfg, task, init)
     return make_space(cfg.space, tokens=cfg.prompt_tokens, width=info.hidden_size, intrinsic_dim=cfg.intrinsic_dim,
                       seed=cfg.seed, embed_std=info.embed_std, sigma0=cfg.sigma0, alpha=cfg.alpha)
@@ -85,6 +106,9 @@ def _with_bias(m: dict, bias) -> dict:
 
 
 class Session:
+    """Opened in order of cost: the settings alone, then the data, the backend, the prompt space and the optimizer;
+    the study row is written last, so whatever fails on the way leaves the database as it was."""
+
     def __init__(self, cfg: StudyConfig, storage: Storage, name: str | None = None, backend=None,
                  runs_dir: str | Path = "runs", api_key: str | None = None):
         self.storage = storage
@@ -98,6 +122,7 @@ class Session:
                 raise StudyError(f"study {self.name!r} exists with a different config ({detail}); resume it with "
                                  "the same settings, or pick a new --study name")
         self.config = cfg
+        check_flags(cfg)
         if cfg.optimizer != "backprop" and cfg.budget % cfg.popsize:
             # Population optimizers tell whole generations; a partial one would be scored and then thrown away.
             log.warning("--budget %d is not a multiple of --popsize %d: the study stops after %d calls",
@@ -105,9 +130,8 @@ class Session:
         self.task = load_task_for(cfg)
         self.backend = backend if backend is not None else open_backend(cfg, api_key)
         self.info = self.backend.info()
-        if cfg.optimizer == "backprop" and not self.info.gradients:
-            raise ConfigError(f"--optimizer backprop needs local weights, but backend {cfg.backend!r} only returns "
-                              "scores; use a derivative-free optimizer (cma, nevergrad:NGOpt) or --backend local")
+        check_capabilities(cfg, self.info.gradients, self.info.prompt_kinds,
+                           f"backend {cfg.backend!r} ({self.info.name})")
         self.init = resolve_init(cfg, self.task)
         self.space = make_prompt_space(cfg, self.task, self.init, self.info)
         self.backend.set_init(self.init)
@@ -117,13 +141,27 @@ class Session:
         self.y_dev = np.array([e.label for e in self.task.dev])
         self.metric = "f1" if self.task.metric == "f1" else "accuracy"
         self.runs_dir = Path(runs_dir)
+        self.optimizer = make_optimizer(cfg.optimizer, OptimizerSettings(
+            dim=self.space.dim, x0=self.space.initial(), seed=cfg.seed, budget=cfg.budget, popsize=cfg.popsize,
+            sigma0=cfg.sigma0, lr=cfg.lr, diagonal=cfg.diagonal, bound=cfg.bound, labels=self.y_train,
+            calibration=cfg.calibration))
         if existing is None:
             existing = storage.create_study(self.name, cfg.to_dict(), bbpt_version=bbpt.__version__, model=cfg.model)
         else:   # a resume may change what does not affect results (a larger budget): store what now applies
+            self._check_resumable(storage.last_checkpoint(existing.id))
             storage.update_study(self.name, state="running", config=cfg.to_dict())
         self.study_id = existing.id
         if hasattr(self.backend, "use_cache"):      # paid requests: never send the same one twice in a study
             self.backend.use_cache(storage.request_cache(self.study_id))
+
+    def _check_resumable(self, ck) -> None:
+        """Compaction drops a complete study's optimizer state; its budget can then no longer grow."""
+        cfg = self.config
+        per_gen = 1 if self.optimizer.needs_gradient else cfg.popsize
+        if ck and not ck.optimizer_state and ck.loop_state["calls"] + per_gen <= cfg.budget:
+            raise StudyError(f"study {self.name!r} was compacted (`bbpt studies compact`) after it completed, so its "
+                             f"optimizer state is gone and its budget cannot be raised from {ck.loop_state['calls']} "
+                             f"to {cfg.budget} calls; run it under a new name, or delete it and run it again")
 
     def trial_z(self, number: int) -> np.ndarray:
         row = self.storage.trial(self.study_id, number)

@@ -12,9 +12,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bbpt.config import StudyConfig
-from bbpt.errors import StudyError
-from bbpt.optimizers import OptimizerSettings, make_optimizer
 from bbpt.scoring import evaluate, score_population
 from bbpt.selection import improves
 from bbpt.session import Session
@@ -49,20 +46,13 @@ def run(sess: Session, progress: bool = True) -> dict:
     """Run (or resume) the study until its budget is spent, then select on dev and score test once."""
     cfg, store, sid = sess.config, sess.storage, sess.study_id
     space = sess.space
-    opt = make_optimizer(cfg.optimizer, OptimizerSettings(
-        dim=space.dim, x0=space.initial(), seed=cfg.seed, budget=cfg.budget, popsize=cfg.popsize,
-        sigma0=cfg.sigma0, lr=cfg.lr, diagonal=cfg.diagonal, bound=cfg.bound, labels=sess.y_train,
-        calibration=cfg.calibration))
+    opt = sess.optimizer        # built by the session, before its study row was written
     ck = store.last_checkpoint(sid)
     loop = LoopState(**ck.loop_state) if ck else LoopState()
     per_gen = 1 if opt.needs_gradient else cfg.popsize
     if ck and ck.optimizer_state:
         opt.load_state(ck.optimizer_state)
         log.info("resuming study %s at call %d/%d", sess.name, loop.calls, cfg.budget)
-    elif ck and loop.calls + per_gen <= cfg.budget:
-        raise StudyError(f"study {sess.name!r} was compacted (`bbpt studies compact`) after it completed, so its "
-                         f"optimizer state is gone and its budget cannot be raised from {loop.calls} to {cfg.budget} "
-                         "calls; run it under a new name, or delete it and run it again")
     best_z = sess.trial_z(loop.best_trial) if loop.best_trial is not None else None
     bar = sess.progress_bar(total=cfg.budget, initial=loop.calls, enabled=progress)
     while loop.calls + per_gen <= cfg.budget and not opt.stop():

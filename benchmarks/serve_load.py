@@ -18,19 +18,20 @@ import time
 import httpx
 import numpy as np
 
-from bbpt.server.wire import encode_array
+from bbpt.prompt import PromptInit
 from bbpt.tasks import load_task
+from bbpt.wire import score_request
 
 
 async def client(i: int, http: httpx.AsyncClient, args, card: dict, examples: list[dict], stop_at: float,
                  latencies: list[float], errors: list[str]) -> None:
     rng = np.random.default_rng(i)
     width, std = card["hidden_size"], card["embed_std"]
-    init = {"kind": "text", "tokens": args.prompt_tokens, "text": "Classify the sentiment of this movie review."}
+    init = PromptInit("text", args.prompt_tokens, 0, "Classify the sentiment of this movie review.")
     while time.perf_counter() < stop_at:
         deltas = rng.standard_normal((args.pop, args.prompt_tokens, width)).astype(np.float32) * std * 0.1
-        body = dict(model=card["id"], init=init, deltas=encode_array(deltas), examples=examples,
-                    template="Review: {text}\nSentiment:", label_words=[" negative", " positive"])
+        body = score_request(card["id"], examples, "Review: {text}\nSentiment:", [" negative", " positive"],
+                             init=init, deltas=deltas)
         start = time.perf_counter()
         try:
             r = await http.post("/v1/score", json=body)

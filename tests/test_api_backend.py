@@ -3,6 +3,9 @@ survive a server restart and a faulty network with every trial intact."""
 
 from __future__ import annotations
 
+import http.server
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,7 +13,7 @@ import numpy as np
 import pytest
 
 from adapters import make_backend
-from adapters.http_client import HttpStatusError
+from adapters.http_client import HttpClient, HttpStatusError
 from bbpt.cli import main as cli_main
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit
@@ -94,10 +97,45 @@ def test_backprop_over_api_is_a_clear_error(server, tmp_path, tiny_model_dir, ca
     assert "needs local weights" in capsys.readouterr().err
 
 
-def test_unreachable_server_raises_backend_error_after_retries(monkeypatch):
-    monkeypatch.setenv("BBPT_HTTP_RETRIES", "2")
-    with pytest.raises(BackendError, match="after 2 attempt"):
+def test_a_server_that_never_answered_fails_at_once_naming_the_endpoint_and_the_fix():
+    # Nothing listens on the discard port: a wrong --endpoint or a server not started; backoff cannot mend it.
+    start = time.perf_counter()
+    with pytest.raises(BackendError, match=r"cannot connect to http://127.0.0.1:9 .*start it .*or fix --endpoint"):
         make_backend("api", endpoint="http://127.0.0.1:9", model="x")
+    assert time.perf_counter() - start < 5
+
+
+def test_a_server_that_has_answered_is_retried_once_it_goes_away(monkeypatch):
+    monkeypatch.setenv("BBPT_HTTP_RETRIES", "2")
+
+    class Answers(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = HttpClient(f"http://127.0.0.1:{server.server_port}")
+    try:
+        assert client.get("/health").body == {}
+        server.shutdown()
+        server.server_close()          # now refused, as a restarting server is
+        with pytest.raises(BackendError, match="failed after 2 attempt"):
+            client.get("/health")
+    finally:
+        client.close()
+
+
+def test_clients_import_the_wire_format_downward_not_the_server_package():
+    code = ("import sys, adapters.api, adapters.vllm; "
+            "print(sorted(m for m in sys.modules if m.startswith('bbpt.server')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_study_survives_a_server_killed_and_restarted(tiny_model_dir, tmp_path, local_run):

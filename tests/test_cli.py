@@ -83,20 +83,38 @@ def test_dev_shots_sets_the_dev_set_selection_and_eval_use(tiny_model_dir, stora
     assert json.loads(capsys.readouterr().out)["examples"] == 2 * 2
 
 
+DEAD = "http://127.0.0.1:9"      # the discard port: nothing listens, the connection is refused at once
+DATA = ["--template", "{text}", "--labels", " negative", " positive", "--data"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--task", "nope"], "unknown task 'nope'"),
     (["--prompt-tokens", "0"], "--prompt-tokens 0 is invalid"),
     (["--template", "Sentiment:"], r"has no {text} field"),
     (["--optimizer", "adam"], "unknown --optimizer 'adam'"),
+    (["--optimizer", "nevergrad:NoSuchOptimizer"], "unknown Nevergrad optimizer 'NoSuchOptimizer'"),
     (["--labels", " good", " goodish"], "start with the same token"),
     (["--sigma0", "nan"], "--sigma0 nan is invalid"),
     (["--dev-shots", "0"], "--dev-shots 0 is invalid"),
+    ([*DATA, "{tmp}/utf16.csv"], "utf16.csv:1 is not UTF-8 text"),
+    (["--backend", "nope"], "unknown --backend 'nope'"),
+    (["--backend", "api", "--endpoint", DEAD], f"cannot connect to {DEAD}"),
+    (["--backend", "api", "--endpoint", DEAD, "--optimizer", "backprop"], "backprop needs local weights"),
+    (["--backend", "openai", "--endpoint", DEAD], "--backend openai scores text prompts only"),
 ])
 def test_bad_input_exits_2_with_a_clear_message(tiny_model_dir, storage_url, tmp_path, args, message):
+    (tmp_path / "utf16.csv").write_bytes("text,label\ngreat,1\n".encode("utf-16"))   # a spreadsheet's export
     r = run_cli("optimize", "--model", tiny_model_dir, "--storage", storage_url, "--budget", "4",
-                "--popsize", "2", "--no-progress", *args)
+                "--popsize", "2", "--no-progress", *(a.replace("{tmp}", str(tmp_path)) for a in args))
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
     from bbpt.storage import Storage
 
     assert Storage(storage_url).list_studies() == []   # bad input writes nothing
+
+
+def test_a_mistyped_number_prints_the_error_and_where_to_look_not_the_usage():
+    r = run_cli("optimize", "--budget", "abc")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == ["bbpt optimize: error: argument --budget: invalid int value: 'abc'",
+                                     "For more information, try 'bbpt optimize --help'."]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bbpt.prompt import PromptInit, SavedPrompt
-from bbpt.server.wire import encode_array, encode_embeds
+from bbpt.wire import encode_array, encode_embeds
 from bbpt.tasks import Example, Template
 from serve_helpers import ServerProcess
 
@@ -235,11 +235,16 @@ def test_pickled_code_is_never_run(client, tmp_path):
     assert not marker.exists()
 
 
-def test_completions_with_prompt_embeds_match_the_model(client, tiny_backend):
-    ids = tiny_backend.tokenizer("Review: dull and far too long\nSentiment:")["input_ids"]
+def _embedded(backend, text: str = "Review: dull and far too long\nSentiment:"):
+    """A text's token ids, their input embeddings, and the model's next-token log-probs after them."""
+    ids = backend.tokenizer(text)["input_ids"]
     with torch.no_grad():
-        x = tiny_backend.embedding(torch.tensor(ids))
-        ref = torch.log_softmax(tiny_backend.model(inputs_embeds=x[None]).logits[0, -1], -1)
+        x = backend.embedding(torch.tensor(ids))
+        return ids, x, torch.log_softmax(backend.model(inputs_embeds=x[None]).logits[0, -1], -1)
+
+
+def test_completions_with_prompt_embeds_match_the_model(client, tiny_backend):
+    ids, x, ref = _embedded(tiny_backend)
     r = client.post("/v1/completions", json=_embeds_body([encode_embeds(x), encode_embeds(x[:5])], logprobs=3,
                                                           temperature=0, return_tokens_as_token_ids=True))
     assert r.status_code == 200, r.text
@@ -257,6 +262,22 @@ def test_completions_with_prompt_embeds_match_the_model(client, tiny_backend):
     got = r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
     assert got["token_id:17"] == pytest.approx(float(ref[17]), abs=1e-5)
     assert got["token_id:4000"] == pytest.approx(float(ref[4000]), abs=1e-5)
+
+
+def test_the_openai_client_sends_prompt_embeds_as_vllm_documents(server, client, tiny_backend):
+    import openai
+
+    ids, x, ref = _embedded(tiny_backend)
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    # The client refuses prompt=None, so vLLM's own example sends prompt="" beside the embeddings.
+    out = api.completions.create(model=model, prompt="", max_tokens=1, temperature=0, logprobs=3,
+                                 extra_body={"prompt_embeds": encode_embeds(x), "return_tokens_as_token_ids": True})
+    assert len(out.choices) == 1 and out.usage.prompt_tokens == len(ids)
+    top = ref.topk(3)
+    assert out.choices[0].logprobs.tokens == [f"token_id:{int(top.indices[0])}"]
+    assert out.choices[0].logprobs.top_logprobs[0] == pytest.approx(
+        {f"token_id:{int(i)}": float(v) for i, v in zip(top.indices, top.values)}, abs=1e-5)
 
 
 def test_completions_generate_greedily_like_transformers(client, tiny_backend):

@@ -273,11 +273,12 @@ def test_compact_keeps_the_report_and_refuses_to_extend(finished, tiny_model_dir
     assert md.read_text() == before             # reports read trials, evaluations and summaries only
 
     spec.write_text(spec.read_text().replace("budget = 8\n", "budget = 12\n"))
-    trials_before = rows(url, "SELECT COUNT(*) FROM trials")
+    before = rows(url, "SELECT name, state, config FROM studies"), rows(url, "SELECT COUNT(*) FROM trials")
     assert main(["-q", "study", "run", str(spec), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "was compacted" in err and "cannot be raised from 8 to 12 calls" in err
-    assert rows(url, "SELECT COUNT(*) FROM trials") == trials_before
+    # refused before anything is written: the study stays complete, with the budget it ran
+    assert (rows(url, "SELECT name, state, config FROM studies"), rows(url, "SELECT COUNT(*) FROM trials")) == before
 
 
 def test_a_study_whose_optimizer_breaks_is_marked_failed_and_the_others_run(tmp_path, tiny_model_dir, monkeypatch,

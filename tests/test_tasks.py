@@ -1,9 +1,11 @@
+import codecs
 import json
 
 import pytest
 
 from bbpt.errors import ConfigError, DataError
 from bbpt.tasks import BUILTIN, Example, Template, load_task
+from bbpt.tasks.loaders import read_examples
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
@@ -74,6 +76,25 @@ def test_empty_and_malformed_files(tmp_path):
     nofield.write_text("sentence,label\nhi,0\n")
     with pytest.raises(DataError, match="no field 'text'.*--text-field"):
         load_task(data=str(nofield), template="{text}", labels=[" a", " b"])
+
+
+def test_a_file_that_is_not_utf8_names_the_line_what_is_there_and_the_fix(tmp_path):
+    kw = dict(template="{text}", labels=[" a", " b"])
+    export = tmp_path / "export.csv"
+    export.write_bytes("text,label\nfine,0\n".encode("utf-16"))        # a spreadsheet's UTF-16 export
+    with pytest.raises(DataError, match=r"export.csv:1 is not UTF-8 text: it starts with b'\\xff\\xfe', the "
+                                        r"byte-order mark of UTF-16.*save it as UTF-8.*iconv -f UTF-16"):
+        load_task(data=str(export), **kw)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"text": "ok", "label": 0}\n{"text": "caf\xe9", "label": 1}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl:2 is not UTF-8 text: byte b'\\xe9' at offset 40"):
+        load_task(data=str(latin), **kw)
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_field(tmp_path):
+    excel = tmp_path / "excel.csv"          # what a spreadsheet's "CSV UTF-8" writes
+    excel.write_bytes(codecs.BOM_UTF8 + "text,label\ncafé,0\n".encode())
+    assert read_examples(excel, label_names=["a", "b"]) == [Example("café", 0)]
 
 
 def test_unknown_task_and_too_few_examples(sst2_jsonl):

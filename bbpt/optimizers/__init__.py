@@ -5,7 +5,7 @@ from __future__ import annotations
 from bbpt.errors import ConfigError
 from bbpt.optimizers._base import Optimizer, OptimizerSettings
 
-__all__ = ["NAMES", "Optimizer", "OptimizerSettings", "make_optimizer", "needs_gradient"]
+__all__ = ["NAMES", "Optimizer", "OptimizerSettings", "check_available", "make_optimizer", "needs_gradient"]
 
 NAMES = ("cma", "gn", "random", "backprop", "nevergrad:<Name>")
 BUILTIN = ("cma", "gn", "random", "backprop")
@@ -20,6 +20,15 @@ def validate_spec(spec: str) -> None:
         return
     raise ConfigError(f"unknown --optimizer {spec!r}; choose cma, gn, random, backprop or nevergrad:NAME "
                       "(e.g. nevergrad:NGOpt)")
+
+
+def check_available(spec: str) -> None:
+    """``validate_spec`` and what it cannot see without the library: a Nevergrad name outside its registry."""
+    validate_spec(spec)
+    if spec.startswith("nevergrad:"):
+        from bbpt.optimizers.nevergrad_opt import check_registered
+
+        check_registered(spec.split(":", 1)[1])
 
 
 def make_optimizer(spec: str, settings: OptimizerSettings) -> Optimizer:

@@ -16,16 +16,22 @@ def registry_names() -> list[str]:
     return sorted(ng.optimizers.registry)
 
 
+def check_registered(name: str) -> None:
+    import nevergrad as ng
+
+    if name not in ng.optimizers.registry:
+        close = [n for n in ng.optimizers.registry if n.lower() == name.lower()]
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown Nevergrad optimizer {name!r}; {hint}see `bbpt optimizers` for the list")
+
+
 class NevergradOptimizer(PickledState):
     needs_gradient = False
 
     def __init__(self, name: str, s: OptimizerSettings):
         import nevergrad as ng
 
-        if name not in ng.optimizers.registry:
-            close = [n for n in ng.optimizers.registry if n.lower() == name.lower()]
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"unknown Nevergrad optimizer {name!r}; {hint}see `bbpt optimizers` for the list")
+        check_registered(name)
         param = ng.p.Array(init=np.asarray(s.x0, dtype=float)).set_mutation(sigma=s.sigma0)
         param.random_state = np.random.RandomState(s.seed)
         self.opt = ng.optimizers.registry[name](parametrization=param, budget=s.budget, num_workers=s.popsize)

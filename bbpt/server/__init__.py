@@ -3,5 +3,5 @@
 Routes (see :mod:`bbpt.server.app`): ``/health``, ``/v1/models``, ``/v1/score`` (bbpt's own protocol: the
 client sends prompt offsets and texts, the server resolves P0 and returns label log-probs),
 ``/v1/completions`` (OpenAI-compatible, with vLLM's ``prompt_embeds``) and ``/v1/classify`` (tuned prompts
-served by name). Nothing is imported here, so clients can use :mod:`bbpt.server.wire` without FastAPI.
+served by name). What clients share with it (array encoding, request and response shapes) is :mod:`bbpt.wire`.
 """

@@ -24,7 +24,7 @@ from bbpt.prompt import PromptInit
 from bbpt.server import completions
 from bbpt.server.prompts import load_bank
 from bbpt.server.protocol import ClassifyRequest, CompletionRequest, Limits, ScoreRequest
-from bbpt.server.wire import RequestError, decode_array
+from bbpt.wire import RequestError, decode_array, score_response
 from bbpt.server.worker import ModelWorker
 from bbpt.tasks import Example, Template
 
@@ -161,8 +161,7 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
                 raise RequestError(f"deltas have shape {list(deltas.shape)}; expected [pop, {init.tokens}, "
                                    f"{info.hidden_size}] with 1 <= pop <= {limits.max_candidates}")
         lp, tokens = await worker.score(init, deltas, examples, template, req.label_words)
-        return {"model": model_name, "logprobs": lp.tolist(),
-                "usage": {"prompt_tokens": tokens, "candidates": len(lp), "examples": len(examples)}}
+        return score_response(model_name, lp, tokens)
 
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest):

@@ -13,7 +13,7 @@ import uuid
 from collections import defaultdict
 
 from bbpt.server.protocol import CompletionRequest, Limits
-from bbpt.server.wire import RequestError, decode_embeds
+from bbpt.wire import RequestError, decode_embeds
 
 
 def check_request(req: CompletionRequest, limits: Limits, vocab_size: int) -> None:
@@ -42,7 +42,12 @@ def check_request(req: CompletionRequest, limits: Limits, vocab_size: int) -> No
 def load_prompts(req: CompletionRequest, limits: Limits, width: int) -> tuple[list, list[str]]:
     """The request's prompts: decoded embeddings first, then texts (vLLM's order when both are sent)."""
     embeds = [req.prompt_embeds] if isinstance(req.prompt_embeds, str) else list(req.prompt_embeds or [])
-    texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt or [])
+    # The openai client refuses prompt=None, so vLLM's documented call sends prompt="" beside the embeddings;
+    # vLLM reads that as no text prompt, and so does this server.
+    if embeds and req.prompt == "":
+        texts = []
+    else:
+        texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt or [])
     if len(embeds) + len(texts) > limits.max_prompts:
         raise RequestError(f"{len(embeds) + len(texts)} prompts in one request; this server takes at most "
                            f"{limits.max_prompts}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bbpt.prompt import PromptInit
-from bbpt.server.wire import RequestError
+from bbpt.wire import RequestError
 from bbpt.tasks import Example, Template
 
 log = logging.getLogger(__name__)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import json
@@ -13,14 +14,47 @@ from bbpt.errors import DataError
 from bbpt.tasks._base import Example
 
 
+# Longest first: UTF-32's little-endian mark begins with UTF-16's.
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                    (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+
+
 def _open(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark, which is not part of the header
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else open(path, encoding="utf-8-sig")
+
+
+def not_utf8(path: str | Path) -> str:
+    """Why a file that failed to decode is not UTF-8: the line and the bytes where it stops being UTF-8, or the
+    byte-order mark that names its encoding (a spreadsheet's UTF-16 export starts with one), and the fix."""
+    path = Path(path)
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    mark, encoding = next(((m, name) for m, name in BYTE_ORDER_MARKS if raw.startswith(m)), (b"", None))
+    try:
+        raw.decode("utf-8")
+        start, end = 0, 1
+    except UnicodeDecodeError as e:
+        start, end = e.start, e.end
+    if encoding:
+        found = f"it starts with {mark!r}, the byte-order mark of {encoding}, as spreadsheets export text"
+    else:
+        found = f"byte {raw[start:end]!r} at offset {start} is not UTF-8"
+    line = raw.count(b"\n", 0, start) + 1
+    convert = f"iconv -f {encoding or 'ENCODING'} -t UTF-8 {path.name} > utf8-{path.name}"
+    return f"{path}:{line} is not UTF-8 text: {found}; save it as UTF-8 (a spreadsheet's \"CSV UTF-8\", or `{convert}`)"
 
 
 def _rows(path: Path):
     """Yield (line number, dict) from a .jsonl(.gz) or .csv(.gz) file."""
     if not path.exists():
         raise DataError(f"data file {str(path)!r} does not exist; check the path")
+    try:
+        yield from _parse(path)
+    except UnicodeDecodeError:
+        raise DataError(not_utf8(path)) from None
+
+
+def _parse(path: Path):
     kind = path.name.removesuffix(".gz").rsplit(".", 1)[-1]
     with _open(path) as f:
         if kind == "csv":

@@ -1,5 +1,6 @@
-"""The bytes on the wire, shared by ``bbpt serve`` and its clients (numpy and base64 only: clients need no
-server dependencies).
+"""What ``bbpt serve`` and its clients share: the bytes of arrays on the wire and the shape of ``/v1/score``
+requests and responses (numpy and base64 only: clients need no server dependencies). Both sides import it
+downward, the server from :mod:`bbpt.server`, the clients from :mod:`adapters`.
 
 Arrays travel as ``{"data": base64 of raw little-endian bytes, "shape": [...], "dtype": "float32"|"float16"}``.
 Raw bytes, not pickle or ``.npy``: decoding runs no code the client chose, and the byte count is checked
@@ -105,3 +106,29 @@ def decode_embeds(data: str, *, width: int, max_bytes: int, max_tokens: int, fie
     if not torch.isfinite(t).all():
         raise RequestError(f"{field} contains NaN or inf")
     return t.float()
+
+
+def score_request(model: str | None, examples: list[dict], template: str, label_words: list[str], *, init=None,
+                  deltas: np.ndarray | None = None, dtype: str = "float32") -> dict:
+    """The body of ``POST /v1/score`` (the server validates it as :class:`bbpt.server.protocol.ScoreRequest`).
+
+    ``examples`` are ``{"text", "text_pair"}`` dicts; ``init`` (a :class:`bbpt.prompt.PromptInit`) says how the
+    server builds P0 and must come with ``deltas``, the population's offsets ``[pop, m, D]``. Without deltas
+    the examples are scored with no prompt (the manual template's baseline).
+    """
+    body = dict(model=model, examples=examples, template=template, label_words=list(label_words))
+    if deltas is not None:
+        body["init"] = dict(kind=init.kind, tokens=init.tokens, seed=init.seed, text=init.text)
+        body["deltas"] = encode_array(deltas, dtype)
+    return body
+
+
+def score_response(model: str, logprobs: np.ndarray, tokens: int) -> dict:
+    """The body ``/v1/score`` answers with: label log-probs ``[pop, n, C]`` and the tokens the model read."""
+    return {"model": model, "logprobs": logprobs.tolist(),
+            "usage": {"prompt_tokens": tokens, "candidates": len(logprobs), "examples": logprobs.shape[1]}}
+
+
+def read_score_response(body: dict) -> tuple[np.ndarray, int]:
+    """Log-probs (float32) and prompt tokens from a ``/v1/score`` answer; the caller checks the shape."""
+    return np.asarray(body.get("logprobs"), dtype=np.float32), int(body["usage"]["prompt_tokens"])
