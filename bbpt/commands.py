@@ -330,9 +330,10 @@ def _study_plan(spec, url: str) -> int:
 
 
 def cmd_optimizers(args) -> int:
+    from bbpt.optimizers import BUILTIN
     from bbpt.optimizers.nevergrad_opt import registry_names
 
-    print("cma\nbackprop\nrandom")
+    print("\n".join(BUILTIN))
     for n in registry_names():
         print(f"nevergrad:{n}")
     return 0
