@@ -86,6 +86,11 @@ def fit_bias(logprobs, labels, ridge: float = BIAS_RIDGE, iters: int = 50) -> np
     return b
 
 
+def bias_list(bias) -> list[float]:
+    """A label bias as stored with a trial or an evaluation (JSON; 6 decimals, far below any score's noise)."""
+    return [round(float(v), 6) for v in bias]
+
+
 def calibrated(logprobs, bias):
     """Scores ``[pop, n, C]`` plus each candidate's label bias ``[pop, C]`` (None: unchanged); torch or numpy."""
     if bias is None:

@@ -99,15 +99,22 @@ def score_population(backend, space, zs: np.ndarray, batch, labels, loss: str, n
                   predictions=objective.predictions(objective.calibrated(logprobs, bias)), biases=bias)
 
 
-def evaluate(backend, prompts, batch, labels, num_classes: int, bias=None) -> tuple[dict, int, float]:
+def evaluate(backend, prompts, batch, labels, num_classes: int, bias=None, *, fit: str = "none",
+             with_bias: bool = False):
     """Metrics of one prompt (offsets ΔP or a TextPrompts; None for no prompt) on an encoded split, with its
-    label bias (``[C]``, fitted on train) added to the scores when given."""
+    label bias (``[C]``, fitted on train) added to the scores when given. ``fit`` (a calibration) fits the bias
+    on this split's own scores instead, for the training split only; ``with_bias`` also returns the bias used.
+    Returns (metrics, tokens, seconds[, bias])."""
     start = time.perf_counter()
     res = score_prompts(backend, prompts, batch)
+    fitted = fitted_bias(res, labels, fit)
+    if fitted is not None:
+        bias = fitted[0]
     losses, pred = _fitness(res, labels, "ce", None if bias is None else np.asarray(bias, np.float64)[None])
     m = objective.prediction_metrics(pred[0], labels, num_classes)
     m["loss"] = float(losses[0])
-    return m, res.tokens, time.perf_counter() - start
+    out = (m, res.tokens, time.perf_counter() - start)
+    return (*out, bias) if with_bias else out
 
 
 def train_bias(backend, prompts, batch, labels, calibration: str):
@@ -115,6 +122,6 @@ def train_bias(backend, prompts, batch, labels, calibration: str):
     the tokens it took to score that batch."""
     if calibration == "none":
         return None, 0
-    res = score_prompts(backend, prompts, batch)
-    bias = fitted_bias(res, labels, calibration)
-    return (None if bias is None else bias[0]), res.tokens
+    _, tokens, _, bias = evaluate(backend, prompts, batch, labels, 1 + int(np.max(labels)), fit=calibration,
+                                  with_bias=True)
+    return bias, tokens

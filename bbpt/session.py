@@ -19,6 +19,7 @@ from bbpt.config import StudyConfig
 from bbpt.errors import ConfigError, StudyError
 from bbpt.optimizers import OptimizerSettings, check_available, make_optimizer
 from bbpt.prompt import PromptInit, SavedPrompt, TextPrompts, make_space
+from bbpt.objective import bias_list
 from bbpt.scoring import evaluate, train_bias
 from bbpt.storage import Storage
 from bbpt.tasks import Task, load_task
@@ -102,7 +103,7 @@ def calibration_meta(bias) -> dict | None:
 
 
 def _with_bias(m: dict, bias) -> dict:
-    return m if bias is None else {**m, "bias": [round(float(v), 6) for v in bias]}
+    return m if bias is None else {**m, "bias": bias_list(bias)}
 
 
 class Session:
@@ -193,9 +194,8 @@ class Session:
                                       tokens=tokens + fit_tokens, note="manual prompt"))
                     fit_tokens = 0
         if (-1, "train") not in done:   # the untuned starting prompt P0, so users see what tuning bought
-            p0 = space.decode(space.initial()[None])
-            bias, _ = train_bias(self.backend, p0, self.train, self.y_train, cfg.calibration)
-            m, tokens, _ = evaluate(self.backend, p0, self.train, self.y_train, self.task.num_classes, bias)
+            m, tokens, _, bias = evaluate(self.backend, space.decode(space.initial()[None]), self.train,
+                                          self.y_train, self.task.num_classes, fit=cfg.calibration, with_bias=True)
             evals.append(dict(trial_number=-1, split="train", metrics=_with_bias(m, bias), tokens=tokens,
                               note="initial prompt P0"))
         sel = loop.dev_best_trial

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from bbpt.objective import bias_list
 from bbpt.scoring import evaluate, score_population
 from bbpt.selection import improves
 from bbpt.session import Session
@@ -74,7 +75,7 @@ def run(sess: Session, progress: bool = True) -> dict:
             if got.texts is not None:
                 metrics["prompt"] = got.texts[i]
             if got.biases is not None:
-                metrics["bias"] = [round(float(v), 6) for v in got.biases[i]]
+                metrics["bias"] = bias_list(got.biases[i])
             metrics.update(got.per_prompt[i] if got.per_prompt else {})
             tokens = metrics.pop("tokens", got.tokens // len(zs))
             if cfg.price_per_1k is not None:

@@ -83,7 +83,7 @@ class GaussNewton(PickledState):
                   self.radius, self.predicted)
 
     def _loss(self, s: np.ndarray) -> float:
-        return _fit(s[None], self.labels, None, self.calibrate)[0]
+        return _loss(s[None], self.labels, self.calibrate)[0]
 
     def _step(self) -> tuple[np.ndarray, float]:
         """The model's best point within the trust radius of the center, and the model's loss there."""
@@ -101,7 +101,7 @@ class GaussNewton(PickledState):
         eps = 1e-8 * np.trace(gram) / len(gram)
         m = gram @ np.linalg.solve(w[:, None] * gram + eps * np.eye(len(gram)), w[:, None] * ys.reshape(len(ys), -1))
         m = m.reshape(ys.shape)
-        a, value = _fit(self.center_scores[None], self.labels, (m, gram, self.radius), self.calibrate)
+        a, value = _fit(self.center_scores, self.labels, m, gram, self.radius, self.calibrate)
         step = xs.T @ a
         norm = np.linalg.norm(step)
         if norm > self.radius:
@@ -113,26 +113,27 @@ class GaussNewton(PickledState):
         return {}
 
 
+def _loss(scores, labels, calibrate: bool) -> np.ndarray:
+    """The (calibrated) cross-entropy of each of ``scores`` ``[pop, n, C]``, the bias's ridge included."""
+    from bbpt.objective import fit_bias, loss
+
+    if not calibrate:
+        return loss(scores, labels)
+    bias = fit_bias(scores, labels)
+    return loss(scores + bias[:, None, :], labels) + 0.5 * BIAS_RIDGE * (bias ** 2).sum(-1)
+
+
 def _model_loss(center, m, a, labels, calibrate: bool) -> float:
-    return _fit((center + np.einsum("k,knc->nc", a, m))[None], labels, None, calibrate)[0]
+    return _loss((center + np.einsum("k,knc->nc", a, m))[None], labels, calibrate)[0]
 
 
-def _fit(scores, labels, model, calibrate: bool):
-    """Without ``model``: the (calibrated) cross-entropy of each of ``scores`` ``[pop, n, C]``. With ``model``
-    ``(m, gram, radius)``: minimise over the step coefficients a (and the bias) the cross-entropy of
-    ``scores[0] + Σ a_k m_k``, with a soft pull toward the trust radius, and return (a, its loss)."""
+def _fit(s0, labels, m, gram, radius, calibrate: bool):
+    """Minimise over the step coefficients a (and the bias) the cross-entropy of ``s0 + Σ a_k m_k``, with a
+    soft pull toward the trust radius, and return (a, the model's loss there)."""
     from scipy.optimize import minimize
 
-    s0 = scores[0] if model is not None else None
-    n, c = scores.shape[1:]
+    n, c = s0.shape
     onehot = np.eye(c)[labels]
-    if model is None:
-        from bbpt.objective import fit_bias, loss
-
-        bias = fit_bias(scores, labels) if calibrate else None
-        lp = scores if bias is None else scores + bias[:, None, :]
-        return loss(lp, labels) + (0.5 * BIAS_RIDGE * (bias ** 2).sum(-1) if bias is not None else 0.0)
-    m, gram, radius = model
     k = m.shape[0]
     mu = 1e-3 / max(radius ** 2, 1e-12)      # only to keep the problem bounded; the radius is enforced after
 

@@ -18,6 +18,7 @@ import numpy as np
 
 import bbpt
 from bbpt.config import V1_MEANING
+from bbpt.objective import bias_list
 from bbpt.scoring import evaluate, train_bias
 from bbpt.session import load_task_for
 from bbpt.storage import Storage
@@ -83,7 +84,7 @@ def run_baseline(p: Planned, storage: Storage, backend) -> dict:
         m, tokens, _ = evaluate(backend, None, batch, np.array([e.label for e in examples]), task.num_classes,
                                 bias)
         if bias is not None:
-            m["bias"] = [round(float(v), 6) for v in bias]
+            m["bias"] = bias_list(bias)
         evals.append(dict(trial_number=None, split=split, metrics=m, tokens=tokens + fit_tokens, note=note))
         fit_tokens = 0
         by[split] = m
