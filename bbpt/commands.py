@@ -34,7 +34,15 @@ def cmd_optimize(args) -> int:
 
     cfg = _config_from_args(args)
     storage = Storage(args.storage)
-    sess = Session(cfg, storage, name=args.study, runs_dir=args.runs_dir, api_key=args.api_key)
+    try:
+        sess = Session(cfg, storage, name=args.study, runs_dir=args.runs_dir, api_key=args.api_key)
+    except BaseException:
+        # A refused run leaves nothing behind: not even the empty database file its storage just created.
+        if storage.new_file and not storage.list_studies():
+            storage.engine.dispose()
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                storage.file.with_name(storage.file.name + suffix).unlink(missing_ok=True)
+        raise
     print(f"study {sess.name} in {storage.url}", file=sys.stderr)
     summary = run(sess, progress=not args.no_progress)
     if args.json:

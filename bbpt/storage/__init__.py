@@ -55,6 +55,8 @@ class Storage:
     def __init__(self, url: str | None = None, *, create: bool = True):
         self.url = url or default_url()
         sqlite = self.url.startswith("sqlite")
+        # Whether opening this storage creates its SQLite file: a run refused before its first write removes it.
+        self.new_file = self.file is not None and not self.file.exists()
         if sqlite:
             self._check_sqlite_path(create)
         try:
