@@ -37,7 +37,9 @@ class ModelInfo:
 
 @dataclass
 class ScoreResult:
-    logprobs: np.ndarray          # [pop, n, C]
+    # classification: [pop, n, C] label log-probs; generation: [pop, n] each example's target log-prob (summed
+    # over its tokens, teacher-forced), with ``target_tokens`` [n] the token count of each target
+    logprobs: np.ndarray
     tokens: int                   # tokens the model processed for this call
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -46,6 +48,7 @@ class ScoreResult:
     predicted: np.ndarray | None = None       # [pop, n] ints
     # Per-prompt accounting the study stores in each trial's metrics (requests, tokens, cache hits, ...).
     per_prompt: list[dict] | None = None
+    target_tokens: np.ndarray | None = None   # generation only: [n]
 
 
 @runtime_checkable

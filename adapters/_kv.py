@@ -64,12 +64,16 @@ def returned_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False):
+def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, targets: list | None = None):
     """Run ``seqs`` (each ``[len, D]`` embeddings) after ``past`` (one past row per sequence, or none).
 
     Returns the full-vocabulary log-probs at each sequence's last token, ``[B, V]`` float32 (only that
     position reaches the LM head: ``logits_to_keep=1``; the vocabulary stays whole because a log-prob needs the
     softmax's normaliser), and with ``keep`` the keys/values of past + ``seqs``.
+
+    With ``targets`` (per sequence, the token ids its last ``len(t)`` tokens are), it returns instead each
+    sequence's total target log-prob, ``[B, 1]``: teacher-forced, read at the positions that predict the
+    target tokens, and only those positions (the last ``max len(t) + 1``) reach the LM head.
     """
     import torch
     from transformers import DynamicCache
@@ -86,9 +90,13 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False):
         mask = torch.cat([past.mask, new_mask], dim=1)
         positions = positions + past.lengths[:, None]
         cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)), config=model.config)
+    tail = 1 if targets is None else max(len(t) for t in targets) + 1
     out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
-                use_cache=keep or cache is not None, logits_to_keep=1)
-    logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+                use_cache=keep or cache is not None, logits_to_keep=tail)
+    if targets is None:
+        logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    else:
+        logprobs = target_logprobs(out.logits, targets)
     if not keep:
         return logprobs, None
     keys, values = [], []
@@ -104,6 +112,26 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False):
     for t in (*keys, *values):
         t.masked_fill_(pad, 0)
     return logprobs, KV(keys, values, mask, mask.sum(-1))
+
+
+def target_logprobs(logits, targets: list):
+    """Each row's summed log-prob of its target ``[B, 1]``, from the logits of its last ``max len + 1``
+    positions ``[B, K, V]`` (row i's target is its last ``len(targets[i])`` tokens, so the positions before
+    them predict them). The softmax's normaliser is a logsumexp: no ``[B, K, V]`` log-prob tensor is made."""
+    import torch
+
+    b, k, _ = logits.shape
+    lens = torch.tensor([len(t) for t in targets], device=logits.device)
+    longest = int(lens.max())
+    j = torch.arange(longest, device=logits.device)
+    real = j[None, :] < lens[:, None]                                       # [B, T]
+    pos = torch.where(real, (k - 1 - lens)[:, None] + j[None, :], torch.zeros_like(real, dtype=torch.long))
+    ids = torch.zeros(b, longest, dtype=torch.long, device=logits.device)
+    for i, t in enumerate(targets):
+        ids[i, :len(t)] = torch.as_tensor(t, device=logits.device)
+    picked = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).float()     # [B, T, V]
+    gold = picked.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(picked, dim=-1)
+    return (gold * real).sum(-1, keepdim=True)
 
 
 def reuse_works(model, width: int, dtype, device) -> tuple[str, int]:

@@ -48,7 +48,12 @@ VOCAB_INIT_RANGE = 5000
 
 @dataclass(eq=False)      # compared by identity: the backend keys its cache bookkeeping on the object
 class EncodedBatch:
-    """Token ids of each example's text before and after the prompt, and the label words' first tokens."""
+    """Token ids of each example's text before and after the prompt, and the label words' first tokens.
+
+    Generation batches have ``targets`` instead of label ids: each example's reference answer (its first), as
+    token ids ending with the end-of-sequence token, so a tuned prompt also learns to stop. Those ids are the
+    last tokens of ``after``: every scoring path runs them teacher-forced, and only the readout differs.
+    """
 
     before: list[list[int]]
     after: list[list[int]]
@@ -57,10 +62,16 @@ class EncodedBatch:
     kv: KV | None = None         # keys/values of the text before the prompt, kept by the backend's budget
     examples: list = None        # the examples and template themselves, for discrete (text) prompts
     template: Template = None
+    targets: list[list[int]] | None = None      # generation: each example's target ids (the end of ``after``)
 
     @property
     def n(self) -> int:
         return len(self.after)
+
+    @property
+    def target_tokens(self):
+        """Generation: each example's target length in tokens ``[n]``; None for classification."""
+        return None if self.targets is None else np.array([len(t) for t in self.targets])
 
     @property
     def shared_head(self) -> bool:
@@ -166,28 +177,58 @@ class HFBackend:
     def encode(self, examples: list[Example], template: Template, label_words: list[str]) -> EncodedBatch:
         if not examples:
             raise ConfigError("cannot score an empty list of examples")
-        label_ids = label_token_ids(self.tokenizer, label_words)
-        before, after = [], []
+        generation = any(ex.targets for ex in examples)
+        if generation and not all(ex.targets for ex in examples):
+            raise ConfigError("some examples have reference answers and some do not; a batch is either "
+                              "classification or generation")
+        label_ids = [] if generation else label_token_ids(self.tokenizer, label_words)
+        before, after, targets = [], [], []
         for ex in examples:
-            b, a = template.render(ex)
+            b, a = self._render(ex, template)
             # Special tokens (a BOS, for tokenizers that add one) go on the first text piece, as PEFT does.
             before.append(self.tokenizer(b, add_special_tokens=True)["input_ids"] if b else [])
             after.append(self.tokenizer(a, add_special_tokens=not b)["input_ids"])
+            if generation:
+                targets.append(self.target_ids(ex.targets[0]))
+                after[-1] = after[-1] + targets[-1]
         return EncodedBatch(before=before, after=after, label_ids=label_ids, examples=list(examples),
-                            template=template)
+                            template=template, targets=targets if generation else None)
+
+    def target_ids(self, text: str) -> list[int]:
+        """A reference answer's token ids, closed by the end-of-sequence token (what generation stops at)."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ConfigError(f"reference answer {text!r} tokenizes to nothing; give every example a real answer")
+        eos = self.tokenizer.eos_token_id
+        return ids + ([eos] if eos is not None else [])
+
+    def _render(self, ex: Example, template: Template) -> tuple[str, str]:
+        """(text before the prompt, text after it). A chat example is rendered by the model's chat template,
+        ready for the assistant's turn, with the prompt before it; without a chat template, as plain text."""
+        if ex.chat is not None and getattr(self.tokenizer, "chat_template", None):
+            msgs = [{"role": r, "content": c} for r, c in ex.chat]
+            return "", self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return template.render(ex)
 
     def score(self, deltas: np.ndarray | TextPrompts | None, batch: EncodedBatch) -> ScoreResult:
         torch = self.torch
         with torch.inference_mode():
             if isinstance(deltas, TextPrompts):
                 lp, tokens = self._text_logprobs(deltas.texts, batch)
-                return ScoreResult(logprobs=lp.float().cpu().numpy(), tokens=tokens)
+                return self._result(lp, tokens, batch)
             d = None if deltas is None else torch.as_tensor(np.asarray(deltas), device=self.device, dtype=self.dtype)
             prompts = self._prompts(d)
             lp = self._cached_logprobs(prompts, batch) if self._reuse_ok(prompts) else None
             if lp is None:
                 lp = self._logprobs_uncached(prompts, batch)
-        return ScoreResult(logprobs=lp.float().cpu().numpy(), tokens=self._tokens(prompts, batch))
+        return self._result(lp, self._tokens(prompts, batch), batch)
+
+    @staticmethod
+    def _result(lp, tokens: int, batch: EncodedBatch) -> ScoreResult:
+        lp = lp.float().cpu().numpy()
+        if batch.targets is None:
+            return ScoreResult(logprobs=lp, tokens=tokens)
+        return ScoreResult(logprobs=lp[..., 0], tokens=tokens, target_tokens=np.array([len(t) for t in batch.targets]))
 
     def close(self) -> None:
         for ref, _ in self._kv_kept.values():
@@ -197,14 +238,69 @@ class HFBackend:
 
     # -- white-box extras -----------------------------------------------------------------------------------
     def logprobs_torch(self, deltas, batch: EncodedBatch):
-        """Differentiable ``[pop, n, C]`` label log-probs and the tokens processed."""
+        """Differentiable ``[pop, n, C]`` label log-probs (generation: ``[pop, n]`` target log-probs) and the
+        tokens processed."""
         prompts = self._prompts(deltas.to(device=self.device, dtype=self.dtype))
-        return self._logprobs_uncached(prompts, batch), self._tokens(prompts, batch)
+        lp = self._logprobs_uncached(prompts, batch)
+        return (lp if batch.targets is None else lp[..., 0]), self._tokens(prompts, batch)
 
     def prompt_matrix(self, delta: np.ndarray) -> np.ndarray:
         if self.p0 is None:
             raise ConfigError("no initial prompt set; call set_init first")
         return (self.p0.float().cpu().numpy() + np.asarray(delta, dtype=np.float32)).astype(np.float32)
+
+    def generate(self, delta: np.ndarray | None, examples: list[Example], template: Template, *,
+                 max_new_tokens: int = 64, stop: list[str] | None = None, batch_size: int = 16,
+                 use_cache: bool = True) -> list[str]:
+        """Greedy answers to ``examples`` with the soft prompt P0 + ``delta`` (``[m, D]``; None: no prompt),
+        placed where the template says. Rows run batched, left-padded with explicit positions, and each new
+        token attends to the keys/values kept from the steps before (``use_cache=False`` recomputes the whole
+        sequence every step: the reference the cached path is tested against). A row stops at the
+        end-of-sequence token, at any of ``stop`` (cut off, not returned), or after ``max_new_tokens``."""
+        torch = self.torch
+        prompt = None if delta is None else self._prompts(torch.as_tensor(
+            np.asarray(delta)[None], device=self.device, dtype=self.dtype))[0]
+        out: list[str] = []
+        with torch.inference_mode():
+            for start in range(0, len(examples), batch_size):
+                out += self._generate_rows(prompt, examples[start:start + batch_size], template, max_new_tokens,
+                                           stop or [], use_cache)
+        return out
+
+    def _generate_rows(self, prompt, examples, template, max_new_tokens, stop, use_cache):
+        torch = self.torch
+        seqs = []
+        for ex in examples:
+            b, a = self._render(ex, template)
+            pieces = [self.tokenizer(b, add_special_tokens=True)["input_ids"] if b else [],
+                      self.tokenizer(a, add_special_tokens=not b)["input_ids"]]
+            emb = [self.embedding(torch.tensor(ids, dtype=torch.long, device=self.device)) for ids in pieces]
+            seqs.append(torch.cat([emb[0]] + ([prompt] if prompt is not None else []) + [emb[1]]))
+        eos = self.tokenizer.eos_token_id
+        new = [[] for _ in examples]
+        done = [False] * len(examples)
+        lp, kv = self._forward(seqs, keep=use_cache)
+        for _ in range(max_new_tokens):
+            nxt = lp.argmax(-1).tolist()
+            for i, t in enumerate(nxt):
+                if done[i]:
+                    continue
+                if t == eos:
+                    done[i] = True
+                    continue
+                new[i].append(t)
+                if stop and any(st in self.tokenizer.decode(new[i]) for st in stop):
+                    done[i] = True
+            if all(done):
+                break
+            step = self.embedding(torch.tensor(nxt, dtype=torch.long, device=self.device))[:, None]
+            if use_cache:
+                lp, kv = self._forward(list(step), kv, keep=True)
+            else:
+                seqs = [torch.cat([s, e]) for s, e in zip(seqs, step)]
+                lp, _ = self._forward(seqs)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+        return [_cut(t, stop) for t in texts]
 
     # -- internals ------------------------------------------------------------------------------------------
     def _prompts(self, deltas):
@@ -237,11 +333,11 @@ class HFBackend:
                     for b, a in zip(batch.before, batch.after)]
         return batch.embeds
 
-    def _forward(self, seqs, past: KV | None = None, keep: bool = False):
+    def _forward(self, seqs, past: KV | None = None, keep: bool = False, targets=None):
         self.stats["forwards"] += 1
         self.stats["computed_tokens"] += sum(int(s.shape[0]) for s in seqs)
         self.stats["padded_tokens"] += len(seqs) * max(int(s.shape[0]) for s in seqs)
-        return forward_last(self.model, seqs, past, keep)
+        return forward_last(self.model, seqs, past, keep, targets)
 
     def _chunks(self, new_lens: list[int], past_lens: list[int] | None = None):
         return plan_chunks(new_lens, self.max_batch_tokens, past_lens)
@@ -261,7 +357,8 @@ class HFBackend:
         if batch.examples is None:
             raise ConfigError("this batch was encoded without its examples; encode it again to score text prompts")
         ids = [[self.tokenizer(batch.template.render_text_prompt(ex, t), add_special_tokens=True)["input_ids"]
-                for ex in batch.examples] for t in texts]
+                + (batch.targets[j] if batch.targets is not None else [])
+                for j, ex in enumerate(batch.examples)] for t in texts]
         lp = self._batched(len(texts), batch, lambda c, j: len(ids[c][j]), lambda c, j: self.embedding(
             self.torch.tensor(ids[c][j], dtype=self.torch.long, device=self.device)))
         return lp, sum(len(i) for row in ids for i in row)
@@ -271,14 +368,20 @@ class HFBackend:
         similar length under the token budget."""
         torch = self.torch
         pairs = sorted(((c, j) for j in range(batch.n) for c in range(pop)), key=lambda p: length(*p))
-        label_ids = torch.tensor(batch.label_ids, device=self.device)
-        rows = [self._forward([sequence(c, j) for c, j in pairs[start:end]])[0][:, label_ids]
+        rows = [self._read([sequence(c, j) for c, j in pairs[start:end]], None, batch, pairs[start:end])
                 for start, end in self._chunks([length(c, j) for c, j in pairs])]
         return self._scatter(torch.cat(rows), pairs, pop, batch)
 
+    def _read(self, seqs, past, batch: EncodedBatch, pairs):
+        """What a batch scores, for rows ``pairs`` (candidate, example): the label words' log-probs at the
+        last position ``[B, C]``, or for generation each row's target log-prob ``[B, 1]``."""
+        if batch.targets is None:
+            return self._forward(seqs, past)[0][:, self.torch.tensor(batch.label_ids, device=self.device)]
+        return self._forward(seqs, past, targets=[batch.targets[j] for _, j in pairs])[0]
+
     def _scatter(self, flat, pairs, pop: int, batch: EncodedBatch):
         torch = self.torch
-        out = flat.new_zeros(pop, batch.n, len(batch.label_ids))
+        out = flat.new_zeros(pop, batch.n, flat.shape[-1])
         out[torch.tensor([c for c, _ in pairs]), torch.tensor([j for _, j in pairs])] = flat
         return out
 
@@ -308,7 +411,6 @@ class HFBackend:
         if batch.before[0] and head is None:
             return None
         pop, m = prompts.shape[:2]
-        label_ids = torch.tensor(batch.label_ids, device=self.device)
         after_lens = [len(a) for a in batch.after]
         order = sorted(range(batch.n), key=after_lens.__getitem__)
         # Candidates go in groups whose prompt keys/values fit a quarter of the budget (the whole population
@@ -324,14 +426,13 @@ class HFBackend:
             for start, end in self._chunks([after_lens[j] for _, j in gpairs], [pkv.mask.shape[1]] * len(gpairs)):
                 chunk = gpairs[start:end]
                 past = pkv.take(torch.tensor([c - g0 for c, _ in chunk], device=self.device))
-                rows.append(self._forward([embeds[j][1] for _, j in chunk], past)[0][:, label_ids])
+                rows.append(self._read([embeds[j][1] for _, j in chunk], past, batch, chunk))
             pairs += gpairs
         return self._scatter(torch.cat(rows), pairs, pop, batch)
 
     def _infix_logprobs(self, prompts, batch: EncodedBatch, embeds, kv: KV):
         torch = self.torch
         pop, m = prompts.shape[:2]
-        label_ids = torch.tensor(batch.label_ids, device=self.device)
         new_lens = [m + len(a) for a in batch.after]
         past_lens = [len(b) for b in batch.before]
         order = sorted(range(batch.n), key=lambda j: (new_lens[j], past_lens[j]))
@@ -341,7 +442,7 @@ class HFBackend:
             chunk = pairs[start:end]
             past = kv.take(torch.tensor([j for _, j in chunk], device=self.device))
             seqs = [torch.cat([prompts[c], embeds[j][1]]) for c, j in chunk]
-            rows.append(self._forward(seqs, past)[0][:, label_ids])
+            rows.append(self._read(seqs, past, batch, chunk))
         return self._scatter(torch.cat(rows), pairs, pop, batch)
 
     def _kept_kv(self, batch: EncodedBatch, embeds) -> KV | None:
@@ -388,6 +489,12 @@ class HFBackend:
             kv.mask[rows, cols] = part.mask
             kv.lengths[rows] = part.lengths
         return kv
+
+
+def _cut(text: str, stop: list[str]) -> str:
+    """``text`` up to the first stop string (which is not part of the answer)."""
+    cuts = [text.index(st) for st in stop if st in text]
+    return text[:min(cuts)] if cuts else text
 
 
 def plan_chunks(lens: list[int], budget: int, past: list[int] | None = None, overhead: int = 64):

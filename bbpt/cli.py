@@ -20,6 +20,8 @@ EPILOG = """examples:
   bbpt optimize --data my.jsonl --template "Review: {text}\\nSentiment:" --labels " negative" " positive"
   bbpt eval --prompt runs/<study> --split test
   bbpt predict --prompt runs/<study> "a gorgeous, witty, seductive movie."
+  bbpt optimize --task e2e --optimizer backprop --budget 100
+  bbpt generate --prompt runs/<study> "name[The Eagle], eatType[pub], area[riverside]"
   bbpt studies list
   bbpt compare sst2-cma sst2-backprop --target 0.8 --plot compare.png
   bbpt export sst2-cma --format peft --out peft_prompt/
@@ -53,8 +55,10 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _add_task_args(p: argparse.ArgumentParser, default_task: str | None = "sst2") -> None:
     g = p.add_argument_group("task (built-in, or your own file)")
     g.add_argument("--task", default=None, help=f"built-in task: sst2, yelp, agnews, dbpedia, mrpc, rte, snli "
+                                                f"(classification), e2e (generation: data-to-text) "
                                                 f"(default {default_task} unless --data is given)")
-    g.add_argument("--data", help="your examples as .jsonl or .csv (needs --template and --labels)")
+    g.add_argument("--data", help="your examples as .jsonl or .csv: labelled rows (with --template and --labels), "
+                                  'or generation rows {"prompt", "completion"} or {"messages": [...]}')
     g.add_argument("--test-data", help="a separate test file for --data (default: what few-shot sampling leaves)")
     g.add_argument("--template", help='format string with {text} (and {text_pair}, {prompt}); '
                                       '{prompt} marks where the prompt goes, else it is a prefix')
@@ -65,7 +69,8 @@ def _add_task_args(p: argparse.ArgumentParser, default_task: str | None = "sst2"
     g.add_argument("--text-pair-field", help="field holding the second text of a pair task")
     g.add_argument("--label-field", default="label", help="field holding the label (index or name)")
     g.add_argument("--shots", type=int, default=16, help="examples per class for train, and again for dev "
-                                                         "(default 16, BBT's protocol)")
+                                                         "(default 16, BBT's protocol); generation: training "
+                                                         "examples, and again for dev")
     g.add_argument("--dev-shots", type=int, help="examples per class for dev, if not --shots: more makes the "
                                                  "choice of prompt less noisy (32 dev examples put 3 points on "
                                                  "each one) for more dev scoring time; train stays the same")
@@ -256,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the search, also score test for each prompt that dev selected on the way, so reports "
                         "show test against calls and seconds (what stopping earlier would have given); costs one test "
                         "scoring per change of the selected prompt, and never feeds back into the search or selection")
+    g.add_argument("--max-new-tokens", type=int, help="generation tasks: the longest answer generated when the "
+                   "selected prompt's answers are scored (BLEU, ROUGE-L) on dev and test (default 80)")
     g = p.add_argument_group("output")
     g.add_argument("--study", help="study name; an existing name resumes it (default: generated, printed)")
     _add_storage_args(g)
@@ -283,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("texts", nargs="+", help="texts to classify (for pair tasks: 'first ||| second')")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print predictions as JSON lines")
+
+    p = sub.add_parser("generate", help="answer inputs with a saved generation prompt (greedy)",
+                       formatter_class=fmt, description="Greedy answers from the frozen model with a prompt tuned on "
+                       "a generation task, one line per input, in the template it was tuned with.")
+    p.add_argument("--prompt", required=True, help="a saved prompt directory, e.g. runs/<study>")
+    p.add_argument("texts", nargs="+", help='inputs, e.g. "name[The Eagle], eatType[pub], area[riverside]"')
+    p.add_argument("--max-new-tokens", type=int, default=80, help="longest answer, in tokens")
+    p.add_argument("--stop", nargs="*", help="stop strings (default: the task's, e.g. a newline for e2e); "
+                                             "generation always stops at the end-of-sequence token")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print {input, output} JSON lines")
 
     p = sub.add_parser("studies", help="list, show or delete stored studies")
     ssub = p.add_subparsers(dest="action", metavar="ACTION", required=True)

@@ -66,6 +66,10 @@ def format_summary(s: dict) -> str:
     ]
     if s.get("prompt_text") is not None:
         lines.append(f"  prompt text: {s['prompt_text']!r}")
+    for key, label in (("slot_coverage", "slot coverage"), ("rouge_l", "ROUGE-L"), ("bleu", "BLEU")):
+        if f"test_{key}" in s:
+            lines.insert(4, f"  {'answers: ' + label:22}{'':>14}{s['test_' + key]:>14.2f}"
+                            f"   (manual prompt {s['baseline_test_' + key]:.2f})")
     if s.get("search"):         # a text API's bill: what was sent, what the cache saved, labels outside the top-k
         spent = ", ".join(f"{k.replace('_', ' ')} {v:,.0f}" for k, v in s["search"].items())
         lines.append(f"  search: {spent}; {s['tokens_total']:,} tokens in all"
@@ -126,13 +130,46 @@ def cmd_eval(args) -> int:
     batch = backend.encode(examples, task.template, task.label_words)
     try:
         m, tokens, secs = evaluate(backend, prompt, batch, [e.label for e in examples], task.num_classes, bias)
+        if task.kind == "generation":
+            from bbpt.textmetrics import text_metrics
+
+            answers = backend.generate(prompt[0], examples, task.template, max_new_tokens=cfg.max_new_tokens,
+                                       stop=task.meta.get("stop"))
+            m.update(text_metrics(answers, examples, slots=task.meta.get("slots") == "e2e"))
     finally:
         backend.close()
     out = dict(prompt=args.prompt, task=task.name, split=args.split, examples=len(examples), **m,
                tokens=tokens, seconds=round(secs, 2), backend=cfg.backend)
-    print(json.dumps(out) if args.json else
-          f"{task.name} {args.split} ({len(examples)} examples): accuracy {m['accuracy']:.4f}, "
-          f"macro-F1 {m['f1']:.4f}, loss {m['loss']:.4f} [{secs:.1f} s]")
+    if args.json:
+        print(json.dumps(out))
+    elif task.kind == "generation":
+        slots = f", slot coverage {m['slot_coverage']:.1f}" if "slot_coverage" in m else ""
+        print(f"{task.name} {args.split} ({len(examples)} examples): BLEU {m['bleu']:.2f}, ROUGE-L "
+              f"{m['rouge_l']:.2f}{slots}, NLL {m['nll']:.4f} per target token [{m['bleu_signature']}]")
+    else:
+        print(f"{task.name} {args.split} ({len(examples)} examples): accuracy {m['accuracy']:.4f}, "
+              f"macro-F1 {m['f1']:.4f}, loss {m['loss']:.4f} [{secs:.1f} s]")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from bbpt.prompt import SavedPrompt
+    from bbpt.tasks import Example, Template
+
+    saved = SavedPrompt.load(args.prompt)
+    if saved.meta.get("kind") != "generation":
+        raise ConfigError(f"{args.prompt} was tuned for classification ({saved.meta.get('task')}); use "
+                          f"`bbpt predict --prompt {args.prompt} TEXT`, or tune one on a generation task "
+                          "(--task e2e, or --data with prompt/completion rows)")
+    prompt, cfg, backend = _saved_task_and_backend(args)
+    stop = args.stop if args.stop is not None else saved.meta.get("stop")
+    try:
+        answers = backend.generate(prompt[0], [Example(t) for t in args.texts], Template(saved.meta["template"]),
+                                   max_new_tokens=args.max_new_tokens, stop=stop)
+    finally:
+        backend.close()
+    for text, answer in zip(args.texts, answers):
+        print(json.dumps({"input": text, "output": answer.strip()}) if args.json else answer.strip())
     return 0
 
 
@@ -140,8 +177,11 @@ def cmd_predict(args) -> int:
     from bbpt.prompt import SavedPrompt
     from bbpt.tasks import Example, Template
 
-    prompt, cfg, backend = _saved_task_and_backend(args)
     saved = SavedPrompt.load(args.prompt)
+    if saved.meta.get("kind") == "generation":
+        raise ConfigError(f"{args.prompt} was tuned for generation ({saved.meta.get('task')}); answer with "
+                          f"`bbpt generate --prompt {args.prompt} TEXT`")
+    prompt, cfg, backend = _saved_task_and_backend(args)
     meta, bias = saved.meta, saved.bias
     template = Template(meta["template"])
     examples = []

@@ -73,6 +73,7 @@ class StudyConfig:
     eval_every: int | None = None       # in calls; None: a tenth of the budget
     dev_ties: str = "earliest"          # several prompts at the best dev score: keep the earliest, or lowest dev loss
     test_curve: bool = False            # also score test for every prompt dev selected on the way (reports only)
+    max_new_tokens: int = 80            # generation: the longest answer generated for BLEU/ROUGE (E2E's ≈ 30)
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -106,6 +107,7 @@ class StudyConfig:
             (self.space in ("full", "projected") or self.optimizer != "backprop", "space",
              "full or projected for backprop (a discrete prompt has no gradient)"),
             (self.vocab_size >= 2, "vocab_size", "at least 2 candidate words"),
+            (self.max_new_tokens >= 1, "max_new_tokens", "at least 1 token"),
             (self.top_logprobs is None or self.top_logprobs >= 1, "top_logprobs", "at least 1"),
             (self.price_per_1k is None or (math.isfinite(self.price_per_1k) and self.price_per_1k >= 0),
              "price_per_1k", "a non-negative number"),

@@ -44,6 +44,26 @@ def loss(logprobs, labels, kind: str = "ce"):
     return out.detach().cpu().numpy().astype(np.float64) if as_numpy else out
 
 
+def target_loss(logprobs, target_tokens):
+    """Generation: each candidate's mean negative log-likelihood per target token, ``[pop]``, from its summed
+    target log-probs ``[pop, n]`` and the targets' lengths ``[n]`` (long answers weigh by their tokens, as a
+    language-model loss does); torch in, torch out, numpy in, numpy out."""
+    torch = _torch()
+    if isinstance(logprobs, torch.Tensor):
+        _check_finite(logprobs)
+        return -logprobs.sum(-1) / float(np.sum(target_tokens))
+    lp = np.asarray(logprobs, dtype=np.float64)
+    _check_finite(torch.as_tensor(lp))
+    return -lp.sum(-1) / float(np.sum(target_tokens))
+
+
+def target_metrics(logprobs_one, target_tokens) -> dict[str, float]:
+    """Dev/test metrics of one candidate's target log-probs ``[n]``: mean log-prob per target token (higher is
+    better: what selection compares), its negation the NLL, and the perplexity."""
+    nll = float(target_loss(np.asarray(logprobs_one)[None], target_tokens)[0])
+    return {"logprob": -nll, "nll": nll, "perplexity": float(np.exp(min(nll, 700.0)))}
+
+
 def fit_bias(logprobs, labels, ridge: float = BIAS_RIDGE, iters: int = 50) -> np.ndarray:
     """The per-class bias b ``[pop, C]`` that minimises each candidate's cross-entropy of softmax(scores + b)
     on ``labels``, plus ``ridge/2·|b|²``: a strictly convex problem of C numbers, solved by Newton's method

@@ -29,6 +29,7 @@ class Scored:
     texts: tuple[str, ...] | None = None      # discrete prompts: each candidate's text
     per_prompt: list[dict] | None = None      # the backend's accounting per candidate
     biases: np.ndarray | None = None          # [pop, C] label bias fitted on this batch (calibration "bias")
+    metrics: list[dict] | None = None         # per candidate: what its training scores say (stored per trial)
 
 
 def score_prompts(backend, prompts, batch):
@@ -46,10 +47,13 @@ def score_prompts(backend, prompts, batch):
                    predicted=None if res.predicted is None else res.predicted[inverse])
 
 
-def _fitness(res, labels, loss: str, bias=None) -> tuple[np.ndarray, np.ndarray]:
+def _fitness(res, labels, loss: str, bias=None) -> tuple[np.ndarray, np.ndarray | None]:
     """Losses and predictions of a scored population, after adding ``bias`` ``[pop, C]`` to its scores when
     given. Answers without scores (``predicted``) can only be right or wrong, so their loss is the error rate
-    whatever ``loss`` says, and no bias applies to them."""
+    whatever ``loss`` says, and no bias applies to them. Generation scores (``target_tokens``) have no
+    predictions: the loss is the NLL per target token."""
+    if res.target_tokens is not None:
+        return objective.target_loss(res.logprobs, res.target_tokens), None
     if res.predicted is not None:
         pred = np.asarray(res.predicted)
         return 1.0 - (pred == np.asarray(labels)[None]).mean(-1), pred
@@ -60,7 +64,7 @@ def _fitness(res, labels, loss: str, bias=None) -> tuple[np.ndarray, np.ndarray]
 def fitted_bias(res, labels, calibration: str):
     """The per-candidate label bias that ``calibration`` fits on these scores, or None (no calibration, or
     answers without scores)."""
-    if calibration == "none" or res.predicted is not None:
+    if calibration == "none" or res.predicted is not None or res.target_tokens is not None:
         return None
     return objective.fit_bias(res.logprobs, labels)
 
@@ -80,23 +84,41 @@ def score_population(backend, space, zs: np.ndarray, batch, labels, loss: str, n
                       seconds=time.perf_counter() - start, bytes_sent=res.bytes_sent,
                       bytes_received=res.bytes_received, predictions=pred,
                       texts=prompts.texts if isinstance(prompts, TextPrompts) else None, per_prompt=res.per_prompt,
-                      biases=bias)
+                      biases=bias, metrics=_train_metrics(losses, pred, labels, bias))
     import torch
 
     z = torch.tensor(np.asarray(zs), dtype=torch.float32, requires_grad=True)
     lp, tokens = backend.logprobs_torch(space.decode_torch(z), batch)
     logprobs = lp.detach().float().cpu().numpy()
-    bias = None if calibration == "none" else objective.fit_bias(logprobs, labels)
-    # The bias is the minimiser of the loss for these scores, so (envelope theorem) the gradient of the
-    # calibrated loss through the prompt is the gradient at the fitted bias, held fixed.
-    losses = objective.loss(objective.calibrated(lp, bias), labels, loss)
+    target_tokens = getattr(batch, "target_tokens", None)
+    if target_tokens is not None:       # generation: the NLL per target token, no labels, no bias
+        bias, pred = None, None
+        losses = objective.target_loss(lp, target_tokens)
+    else:
+        bias = None if calibration == "none" else objective.fit_bias(logprobs, labels)
+        # The bias is the minimiser of the loss for these scores, so (envelope theorem) the gradient of the
+        # calibrated loss through the prompt is the gradient at the fitted bias, held fixed.
+        losses = objective.loss(objective.calibrated(lp, bias), labels, loss)
+        pred = objective.predictions(objective.calibrated(logprobs, bias))
     forward_done = time.perf_counter()
     losses.sum().backward()
     end = time.perf_counter()
-    return Scored(losses=losses.detach().cpu().numpy().astype(np.float64), logprobs=logprobs,
-                  grads=z.grad.numpy().astype(np.float64), tokens=tokens, seconds=end - start,
-                  backward_seconds=end - forward_done,
-                  predictions=objective.predictions(objective.calibrated(logprobs, bias)), biases=bias)
+    out = losses.detach().cpu().numpy().astype(np.float64)
+    return Scored(losses=out, logprobs=logprobs, grads=z.grad.numpy().astype(np.float64), tokens=tokens,
+                  seconds=end - start, backward_seconds=end - forward_done, predictions=pred, biases=bias,
+                  metrics=_train_metrics(out, pred, labels, bias))
+
+
+def _train_metrics(losses, pred, labels, bias) -> list[dict]:
+    """Each candidate's training metrics as a trial stores them: accuracy (and its label bias) for
+    classification, the mean target log-prob per token for generation."""
+    if pred is None:
+        return [{"logprob": -float(lo)} for lo in losses]
+    out = [{"accuracy": float((p == np.asarray(labels)).mean())} for p in pred]
+    if bias is not None:
+        for m, b in zip(out, bias):
+            m["bias"] = objective.bias_list(b)
+    return out
 
 
 def evaluate(backend, prompts, batch, labels, num_classes: int, bias=None, *, fit: str = "none",
@@ -111,7 +133,10 @@ def evaluate(backend, prompts, batch, labels, num_classes: int, bias=None, *, fi
     if fitted is not None:
         bias = fitted[0]
     losses, pred = _fitness(res, labels, "ce", None if bias is None else np.asarray(bias, np.float64)[None])
-    m = objective.prediction_metrics(pred[0], labels, num_classes)
+    if pred is None:
+        m = objective.target_metrics(res.logprobs[0], res.target_tokens)
+    else:
+        m = objective.prediction_metrics(pred[0], labels, num_classes)
     m["loss"] = float(losses[0])
     out = (m, res.tokens, time.perf_counter() - start)
     return (*out, bias) if with_bias else out

@@ -27,6 +27,8 @@ from bbpt.tasks import Task, load_task
 log = logging.getLogger(__name__)
 
 # Per-trial accounting keys a backend may report; the study's summary adds them up.
+# Generation: the scores of a prompt's greedy answers that a summary shows beside its likelihood.
+TEXT_SCORES = ("bleu", "rouge_l", "slot_coverage")
 SUMMED = ("requests", "cached", "prompt_tokens", "completion_tokens", "missing_labels", "unparsed")
 
 
@@ -83,6 +85,18 @@ def check_flags(cfg: StudyConfig) -> None:
     check_available(cfg.optimizer)
 
 
+def check_task(cfg: StudyConfig, task: Task) -> None:
+    """What a generation task cannot do: its score is each answer's likelihood, not label scores."""
+    if task.kind != "generation":
+        return
+    if cfg.optimizer == "gn":
+        raise ConfigError(f"--optimizer gn models label scores, and {task.name!r} is a generation task (it scores "
+                          "answers' likelihoods); use cma, backprop or nevergrad:NAME")
+    if cfg.space not in ("projected", "full"):
+        raise ConfigError(f"--space {cfg.space} is for classification; a generation prompt is soft: use "
+                          "--space projected (derivative-free) or full (backprop)")
+
+
 def make_prompt_space(cfg: StudyConfig, task: Task, init: PromptInit, info):
     """The search space: soft (offsets ΔP for the backend's P0) or discrete (text); the backend's kinds are
     checked first (:func:`check_capabilities`)."""
@@ -129,6 +143,7 @@ class Session:
             log.warning("--budget %d is not a multiple of --popsize %d: the study stops after %d calls",
                         cfg.budget, cfg.popsize, cfg.budget - cfg.budget % cfg.popsize)
         self.task = load_task_for(cfg)
+        check_task(cfg, self.task)
         self.backend = backend if backend is not None else open_backend(cfg, api_key)
         self.info = self.backend.info()
         check_capabilities(cfg, self.info.gradients, self.info.prompt_kinds,
@@ -140,7 +155,7 @@ class Session:
         self.train, self.dev = encode("train"), encode("dev")
         self.y_train = np.array([e.label for e in self.task.train])
         self.y_dev = np.array([e.label for e in self.task.dev])
-        self.metric = "f1" if self.task.metric == "f1" else "accuracy"
+        self.metric = {"f1": "f1", "logprob": "logprob"}.get(self.task.metric, "accuracy")
         self.runs_dir = Path(runs_dir)
         self.optimizer = make_optimizer(cfg.optimizer, OptimizerSettings(
             dim=self.space.dim, x0=self.space.initial(), seed=cfg.seed, budget=cfg.budget, popsize=cfg.popsize,
@@ -190,6 +205,7 @@ class Session:
                 if (None, split) not in done:
                     batch = batch or self._encode_test()
                     m, tokens, secs = evaluate(self.backend, None, batch, y, self.task.num_classes, bias)
+                    m.update(self._answers(None, split))
                     evals.append(dict(trial_number=None, split=split, metrics=_with_bias(m, bias),
                                       tokens=tokens + fit_tokens, note="manual prompt"))
                     fit_tokens = 0
@@ -201,9 +217,14 @@ class Session:
         sel = loop.dev_best_trial
         z = self.trial_z(sel)
         delta = space.decode(z[None])      # ΔP, or the prompt's text
+        if self.task.kind == "generation" and (sel, "dev") in done and "bleu" not in self._dev_metrics(sel):
+            # The answers of the selected prompt only: generating for every dev check would cost more than
+            # the check (selection reads the dev NLL).
+            self.storage.update_evaluation(sid, sel, "dev", self._answers(delta[0], "dev"))
         if (sel, "test") not in done:
             m, tokens, secs = evaluate(self.backend, delta, self._encode_test(), y_test, self.task.num_classes,
                                        loop.dev_best_bias)
+            m.update(self._answers(delta[0], "test"))
             evals.append(dict(trial_number=sel, split="test", metrics=m, tokens=tokens, calls_at=loop.calls,
                               seconds_at=loop.seconds, note="selected on dev; scored once"))
         store.add_evaluations(sid, evals)
@@ -222,6 +243,11 @@ class Session:
             storage=store.url)
         if isinstance(delta, TextPrompts):
             summary["prompt_text"] = delta.texts[0]
+        for key in TEXT_SCORES:         # generation: the answers' scores beside the likelihood
+            if key in by[(sel, "test")]:
+                summary[f"baseline_test_{key}"] = by[(None, "test")].get(key)
+                summary[f"test_{key}"] = by[(sel, "test")][key]
+                summary[f"dev_{key}"] = by[(sel, "dev")].get(key)
         summary.update(self._spending(loop))
         store.update_study(self.name, state="complete", summary=summary)
         return summary
@@ -245,6 +271,26 @@ class Session:
                 trial_number=e.trial_number, split="test", metrics=m, tokens=tokens, calls_at=e.calls_at,
                 seconds_at=e.seconds_at, note="test curve: the prompt dev had selected by then; reporting only")])
             done.add((e.trial_number, "test"))
+
+    def _answers(self, delta, split: str) -> dict:
+        """Generation only: BLEU, ROUGE-L (and slot coverage) of the greedy answers of P0 + ``delta`` (None:
+        the manual template alone) on a split; {} for classification, or a backend that cannot generate."""
+        if self.task.kind != "generation":
+            return {}
+        if not hasattr(self.backend, "generate"):
+            log.warning("backend %s cannot generate text; %s is scored by likelihood only", self.config.backend,
+                        split)
+            return {}
+        from bbpt.textmetrics import text_metrics
+
+        examples = self.task.split(split)
+        answers = self.backend.generate(delta, examples, self.task.template, max_new_tokens=self.config.max_new_tokens,
+                                        stop=self.task.meta.get("stop"))
+        return text_metrics(answers, examples, slots=self.task.meta.get("slots") == "e2e")
+
+    def _dev_metrics(self, trial: int) -> dict:
+        return next(e.metrics for e in self.storage.evaluations(self.study_id)
+                    if e.trial_number == trial and e.split == "dev")
 
     def _encode_test(self):
         if not hasattr(self, "_test"):
@@ -283,7 +329,7 @@ class Session:
             space=cfg.space, projection_seed=cfg.seed, intrinsic_dim=cfg.intrinsic_dim, sigma0=cfg.sigma0,
             alpha=cfg.alpha, embedding="input embeddings, joined where the template's {prompt} is (prefix if absent)",
             z=z.tolist() if cfg.space == "projected" else None, dev=dev, test=test, config=cfg.to_dict(),
-            calibration=calibration_meta(bias))
+            calibration=calibration_meta(bias), kind=self.task.kind, stop=self.task.meta.get("stop"))
         return SavedPrompt(np.asarray(matrix, np.float32), meta).save(self.runs_dir / self.name)
 
     def _save_text_prompt(self, space, z, prompt: TextPrompts, dev, test, bias) -> Path:

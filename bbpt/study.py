@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bbpt.objective import bias_list
 from bbpt.scoring import evaluate, score_population
 from bbpt.selection import improves
 from bbpt.session import Session
@@ -34,7 +33,7 @@ class LoopState:
     best_bias: list[float] | None = None   # the best trial's label bias, fitted on train (calibration "bias")
     evaluated: list[int] = field(default_factory=list)     # trial numbers already scored on dev
     dev_best_trial: int | None = None
-    dev_best: float = -1.0
+    dev_best: float | None = None        # None until the first dev check (older studies stored -1.0)
     dev_best_loss: float = float("inf")  # the selected prompt's dev loss (the tie-break of --dev-ties loss)
     dev_best_bias: list[float] | None = None
     dev_last: float | None = None
@@ -69,13 +68,11 @@ def run(sess: Session, progress: bool = True) -> dict:
         opt.tell(zs, got.losses, got.grads, got.logprobs)
         trials = []
         for i, (z, lo) in enumerate(zip(zs, got.losses)):
-            metrics = {"accuracy": float((got.predictions[i] == sess.y_train).mean())}
+            metrics = dict(got.metrics[i])
             if got.bytes_sent or got.bytes_received:     # remote backends: each candidate's share of the traffic
                 metrics.update(bytes_sent=got.bytes_sent // len(zs), bytes_received=got.bytes_received // len(zs))
             if got.texts is not None:
                 metrics["prompt"] = got.texts[i]
-            if got.biases is not None:
-                metrics["bias"] = bias_list(got.biases[i])
             metrics.update(got.per_prompt[i] if got.per_prompt else {})
             tokens = metrics.pop("tokens", got.tokens // len(zs))
             if cfg.price_per_1k is not None:

@@ -226,6 +226,16 @@ class Storage:
         with self._write() as s:
             s.add_all(EvaluationRow(study_id=study_id, **e) for e in evaluations)
 
+    def update_evaluation(self, study_id: int, trial_number: int, split: str, metrics: dict) -> None:
+        """Add ``metrics`` to the latest evaluation of a trial on a split (a generation prompt's text scores
+        join the dev NLL that selected it, rather than standing as a second dev point)."""
+        with self._write() as s:
+            row = s.scalar(select(EvaluationRow).where(EvaluationRow.study_id == study_id,
+                                                        EvaluationRow.trial_number == trial_number,
+                                                        EvaluationRow.split == split)
+                           .order_by(EvaluationRow.id.desc()).limit(1))
+            row.metrics = {**row.metrics, **metrics}
+
     # -- reads ----------------------------------------------------------------------------------------------
     def last_checkpoint(self, study_id: int) -> CheckpointRow | None:
         with self.session() as s:

@@ -97,9 +97,9 @@ def _header(spec: StudySpec, storage_url, spec_arg, rows, cells) -> list[str]:
 
 
 def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
-    from bbpt.tasks import BUILTIN
+    from bbpt.tasks.builtin import CLASSIFICATION
 
-    metric = "f1" if BUILTIN[task].metric == "f1" else "accuracy"
+    metric = CLASSIFICATION[task].metric if task in CLASSIFICATION else "logprob"
     name = "macro-F1" if metric == "f1" else "accuracy"
     ref = cells.get((task, spec.reference), []) if spec.reference else []
     target = float(np.mean([s["dev"] for _, s in ref])) if ref else None

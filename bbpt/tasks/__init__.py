@@ -1,4 +1,4 @@
-"""Tasks: built-in BBT datasets and user data files, split few-shot the way Black-Box Tuning does."""
+"""Tasks: built-in BBT datasets, the E2E generation task, and user data files, split few-shot."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ from pathlib import Path
 
 from bbpt.errors import ConfigError
 from bbpt.tasks._base import Example, Task, Template
-from bbpt.tasks.builtin import BUILTIN, load_builtin
+from bbpt.tasks.builtin import CLASSIFICATION, load_builtin
+from bbpt.tasks.generation import is_generation_file, load_e2e, load_generation_file
 from bbpt.tasks.loaders import few_shot_split, read_examples
+
+# Every built-in task by name: the seven BBT classification tasks and the generation task e2e.
+BUILTIN = (*CLASSIFICATION, "e2e")
 
 __all__ = ["BUILTIN", "Example", "Task", "Template", "load_task"]
 
@@ -39,8 +43,14 @@ def _load_task(*, task, data, test_data, template, labels, label_names, text_fie
         if task not in BUILTIN:
             raise ConfigError(f"unknown task {task!r}; built-in tasks are {sorted(BUILTIN)}, "
                               "or pass --data FILE with --template and --labels")
+        if task == "e2e":
+            if labels:
+                raise ConfigError("--labels is for classification; e2e is a generation task (no labels)")
+            return load_e2e(shots=shots, seed=seed, template=template, max_test=max_test, dev_shots=dev_shots)
         return load_builtin(task, shots=shots, seed=seed, template=template, label_words=labels,
                             max_test=max_test, dev_shots=dev_shots)
+    if not labels and is_generation_file(data):
+        return load_generation_file(data, test_data, template, shots, seed, max_test, dev_shots)
     if not template or not labels:
         raise ConfigError("--data needs --template (with {text}) and --labels (one word per class, "
                           'e.g. --labels " negative" " positive")')

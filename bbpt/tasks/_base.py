@@ -1,4 +1,10 @@
-"""What a classification task is: examples, a template that turns one into text, and label words."""
+"""What a task is: examples, a template that turns one into text, and what is scored.
+
+A task's ``kind`` says what the backend measures for it: ``classification`` (each class's label-word
+log-prob) or ``generation`` (the log-likelihood of each example's reference answer, its *target*). The rest of
+bbpt reads the kind as data: the backend encodes targets when examples carry them, the objective turns either
+kind of score into one loss per candidate, and the study loop sees only losses.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +16,19 @@ from bbpt.errors import ConfigError
 SLOTS = ("text", "text_pair", "prompt")
 PROMPT_SEPARATOR = "\n"
 PLACEMENTS = ("prefix", "infix")
+KINDS = ("classification", "generation")
 
 
 @dataclass(frozen=True)
 class Example:
     text: str
-    label: int
+    label: int = 0
     text_pair: str | None = None
+    # generation: the reference answers; the first is the one training and NLL read, all of them score BLEU
+    targets: tuple[str, ...] = ()
+    # chat data: the conversation before the answer, as (role, content) pairs; a backend with a chat template
+    # renders it with that template, and ``text`` is the plain rendering used where there is none
+    chat: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +122,8 @@ class Template:
 
 @dataclass
 class Task:
-    """A few-shot classification task, already split. Label i is spoken as ``label_words[i]``."""
+    """A few-shot task, already split. Classification: label i is spoken as ``label_words[i]``. Generation:
+    no labels; each example carries its reference answers (``Example.targets``)."""
 
     name: str
     label_names: list[str]
@@ -122,6 +135,7 @@ class Task:
     metric: str = "accuracy"
     init_text: str = ""
     meta: dict = field(default_factory=dict)
+    kind: str = "classification"
 
     @property
     def num_classes(self) -> int:

@@ -25,7 +25,7 @@ class TaskSpec:
     text_pair: bool = False
 
 
-BUILTIN: dict[str, TaskSpec] = {
+CLASSIFICATION: dict[str, TaskSpec] = {
     "sst2": TaskSpec("sst2", "Review: {text}\nSentiment (positive or negative):", (" negative", " positive"),
                      "Classify the sentiment of this movie review."),
     "yelp": TaskSpec("yelp", "Review: {text}\nSentiment (positive or negative):", (" negative", " positive"),
@@ -54,7 +54,7 @@ BUILTIN: dict[str, TaskSpec] = {
 def load_builtin(name: str, *, shots: int, seed: int, template: str | None = None,
                  label_words: list[str] | None = None, max_test: int | None = None,
                  dev_shots: int | None = None) -> Task:
-    spec = BUILTIN[name]
+    spec = CLASSIFICATION[name]
     root = resources.files("bbpt.tasks") / "data" / spec.folder
     label_names = json.loads((root / "labels.json").read_text())
     kw = dict(label_names=label_names, text_pair_field="text_pair" if spec.text_pair else None)
