@@ -4,11 +4,12 @@ import json
 import pytest
 
 from bbpt.errors import ConfigError, DataError
-from bbpt.tasks import BUILTIN, Example, Template, load_task
+from bbpt.tasks import Example, Template, load_task
+from bbpt.tasks.builtin import CLASSIFICATION
 from bbpt.tasks.loaders import read_examples
 
 
-@pytest.mark.parametrize("name", sorted(BUILTIN))
+@pytest.mark.parametrize("name", sorted(CLASSIFICATION))
 def test_builtin_tasks_split_few_shot(name):
     task = load_task(task=name, shots=4, seed=1)
     k = task.num_classes
