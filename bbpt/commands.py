@@ -115,7 +115,7 @@ def _saved_task_and_backend(args):
 
 
 def cmd_eval(args) -> int:
-    from bbpt.scoring import evaluate
+    from bbpt.scoring import answer_metrics, evaluate
     from bbpt.session import load_task_for
 
     from bbpt.prompt import SavedPrompt
@@ -130,12 +130,7 @@ def cmd_eval(args) -> int:
     batch = backend.encode(examples, task.template, task.label_words)
     try:
         m, tokens, secs = evaluate(backend, prompt, batch, [e.label for e in examples], task.num_classes, bias)
-        if task.kind == "generation":
-            from bbpt.textmetrics import text_metrics
-
-            answers = backend.generate(prompt[0], examples, task.template, max_new_tokens=cfg.max_new_tokens,
-                                       stop=task.meta.get("stop"))
-            m.update(text_metrics(answers, examples, slots=task.meta.get("slots") == "e2e"))
+        m.update(answer_metrics(backend, prompt[0], task, args.split, cfg.max_new_tokens))
     finally:
         backend.close()
     out = dict(prompt=args.prompt, task=task.name, split=args.split, examples=len(examples), **m,

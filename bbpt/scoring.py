@@ -6,6 +6,7 @@ every candidate is one *call* (one forward over the batch); for backprop the bac
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 
@@ -13,6 +14,8 @@ import numpy as np
 
 from bbpt import objective
 from bbpt.prompt import TextPrompts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,6 +143,23 @@ def evaluate(backend, prompts, batch, labels, num_classes: int, bias=None, *, fi
     m["loss"] = float(losses[0])
     out = (m, res.tokens, time.perf_counter() - start)
     return (*out, bias) if with_bias else out
+
+
+def answer_metrics(backend, delta, task, split: str, max_new_tokens: int, template=None) -> dict:
+    """Generation tasks: BLEU, ROUGE-L (and slot coverage for E2E) of the greedy answers of P0 + ``delta``
+    (None: the template alone) on one split; {} for classification, or for a backend that cannot generate
+    (it is then scored by likelihood only, and a warning says so)."""
+    if task.kind != "generation":
+        return {}
+    if not hasattr(backend, "generate"):
+        log.warning("this backend cannot generate text; %s is scored by likelihood only", split)
+        return {}
+    from bbpt.textmetrics import text_metrics
+
+    examples = task.split(split)
+    answers = backend.generate(delta, examples, template or task.template, max_new_tokens=max_new_tokens,
+                               stop=task.meta.get("stop"))
+    return text_metrics(answers, examples, slots=task.meta.get("slots") == "e2e")
 
 
 def train_bias(backend, prompts, batch, labels, calibration: str):

@@ -20,7 +20,7 @@ from bbpt.errors import ConfigError, StudyError
 from bbpt.optimizers import OptimizerSettings, check_available, make_optimizer
 from bbpt.prompt import PromptInit, SavedPrompt, TextPrompts, make_space
 from bbpt.objective import bias_list
-from bbpt.scoring import evaluate, train_bias
+from bbpt.scoring import answer_metrics, evaluate, train_bias
 from bbpt.storage import Storage
 from bbpt.tasks import Task, load_task
 
@@ -155,7 +155,7 @@ class Session:
         self.train, self.dev = encode("train"), encode("dev")
         self.y_train = np.array([e.label for e in self.task.train])
         self.y_dev = np.array([e.label for e in self.task.dev])
-        self.metric = {"f1": "f1", "logprob": "logprob"}.get(self.task.metric, "accuracy")
+        self.metric = self.task.score_name
         self.runs_dir = Path(runs_dir)
         self.optimizer = make_optimizer(cfg.optimizer, OptimizerSettings(
             dim=self.space.dim, x0=self.space.initial(), seed=cfg.seed, budget=cfg.budget, popsize=cfg.popsize,
@@ -275,18 +275,7 @@ class Session:
     def _answers(self, delta, split: str) -> dict:
         """Generation only: BLEU, ROUGE-L (and slot coverage) of the greedy answers of P0 + ``delta`` (None:
         the manual template alone) on a split; {} for classification, or a backend that cannot generate."""
-        if self.task.kind != "generation":
-            return {}
-        if not hasattr(self.backend, "generate"):
-            log.warning("backend %s cannot generate text; %s is scored by likelihood only", self.config.backend,
-                        split)
-            return {}
-        from bbpt.textmetrics import text_metrics
-
-        examples = self.task.split(split)
-        answers = self.backend.generate(delta, examples, self.task.template, max_new_tokens=self.config.max_new_tokens,
-                                        stop=self.task.meta.get("stop"))
-        return text_metrics(answers, examples, slots=self.task.meta.get("slots") == "e2e")
+        return answer_metrics(self.backend, delta, self.task, split, self.config.max_new_tokens)
 
     def _dev_metrics(self, trial: int) -> dict:
         return next(e.metrics for e in self.storage.evaluations(self.study_id)

@@ -263,3 +263,45 @@ def test_real_model_prompt_fitted_to_one_example_reproduces_its_target(real_back
     fitted = delta.detach().numpy()[0]
     assert real_backend.generate(fitted, [ex], template, max_new_tokens=20) == [ex.targets[0]]
     assert real_backend.generate(None, [ex], template, max_new_tokens=20) != [ex.targets[0]]
+
+
+def test_a_generation_spec_runs_every_arm_and_reports_answers_scores(tmp_path, tiny_model_dir):
+    from bbpt.cli import main
+
+    spec = tmp_path / "gen.toml"
+    spec.write_text(f"""
+name = "gen"
+model = {tiny_model_dir!r}
+device = "cpu"
+tasks = ["e2e"]
+shots = 3
+seeds = [0]
+prompt_tokens = 3
+max_test = 4
+max_new_tokens = 5
+[[arms]]
+name = "manual"
+optimizer = "manual"
+[[arms]]
+name = "icl2"
+optimizer = "icl"
+demos_per_class = 2
+[[arms]]
+name = "backprop"
+optimizer = "backprop"
+space = "full"
+budget = 2
+[[arms]]
+name = "cma"
+optimizer = "cma"
+intrinsic_dim = 8
+popsize = 4
+budget = 8
+""")
+    assert main(["-q", "study", "run", str(spec), "--no-progress"]) == 0
+    assert main(["-q", "study", "report", str(spec)]) == 0
+    md = (tmp_path / "results" / "gen.md").read_text()
+    assert "| arm | optimizer | seeds | dev NLL | test NLL | test BLEU |" in md
+    for arm in ("manual", "icl2", "backprop", "cma"):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {arm} |"))
+        assert "1/1" in row and row.count("(one seed)") == 5        # NLLs, BLEU, ROUGE-L, slot coverage

@@ -19,24 +19,30 @@ import numpy as np
 import bbpt
 from bbpt.config import V1_MEANING
 from bbpt.objective import bias_list
-from bbpt.scoring import evaluate, train_bias
-from bbpt.session import load_task_for
+from bbpt.scoring import answer_metrics, evaluate, train_bias
+from bbpt.session import TEXT_SCORES, load_task_for
 from bbpt.storage import Storage
 from bbpt.studyspec.spec import BASELINE_SETTINGS, Planned
 from bbpt.tasks import Task, Template
+from bbpt.tasks.builtin import CLASSIFICATION
 
 # Stored-config keys that do not change a baseline's scores (where the model runs, not what it computes).
 RESULT_NEUTRAL = frozenset({"device", "endpoint", "template"})
 
 
 def icl_template(task: Task, demos_per_class: int, seed: int) -> str:
-    """The task's template preceded by solved train examples, blank-line separated."""
+    """The task's template preceded by solved train examples, blank-line separated. A generation task has no
+    classes: ``demos_per_class`` is then the number of demonstrations (k shots), each with its answer."""
     rng = random.Random(seed)
-    picks = []
-    for c in range(task.num_classes):
-        picks += rng.sample([ex for ex in task.train if ex.label == c], demos_per_class)
-    rng.shuffle(picks)     # classes interleaved at random, so the last demonstration does not hint a label
-    demos = [task.template.render_plain(ex) + task.label_words[ex.label] for ex in picks]
+    if task.kind == "generation":
+        picks = rng.sample(task.train, demos_per_class)
+        demos = [task.template.render_plain(ex) + ex.targets[0] for ex in picks]
+    else:
+        picks = []
+        for c in range(task.num_classes):
+            picks += rng.sample([ex for ex in task.train if ex.label == c], demos_per_class)
+        rng.shuffle(picks)     # classes interleaved at random, so the last demonstration does not hint a label
+        demos = [task.template.render_plain(ex) + task.label_words[ex.label] for ex in picks]
     # Demonstrations are literal text inside a format string: braces in them must not become fields.
     escaped = [d.replace("{", "{{").replace("}", "}}") for d in demos]
     return "\n\n".join(escaped + [task.template.source])
@@ -45,7 +51,10 @@ def icl_template(task: Task, demos_per_class: int, seed: int) -> str:
 def baseline_config(p: Planned) -> dict:
     """What a baseline study stores as its config: what decides its examples and model, and its arm."""
     d = p.config.to_dict()
-    out = {k: d[k] for k in ("task", "seed", *sorted(BASELINE_SETTINGS), "version")}
+    # max_new_tokens only matters where answers are generated; classification baselines stored before it
+    # existed keep matching their configs.
+    keys = sorted(BASELINE_SETTINGS - ({"max_new_tokens"} if p.task in CLASSIFICATION else set()))
+    out = {k: d[k] for k in ("task", "seed", *keys, "version")}
     out.update(optimizer=p.arm.optimizer, budget=0)
     if p.arm.optimizer == "icl":
         out["demos_per_class"] = p.arm.demos_per_class
@@ -83,15 +92,19 @@ def run_baseline(p: Planned, storage: Storage, backend) -> dict:
         batch = backend.encode(examples, task.template, task.label_words)
         m, tokens, _ = evaluate(backend, None, batch, np.array([e.label for e in examples]), task.num_classes,
                                 bias)
+        m.update(answer_metrics(backend, None, task, split, cfg.max_new_tokens))
         if bias is not None:
             m["bias"] = bias_list(bias)
         evals.append(dict(trial_number=None, split=split, metrics=m, tokens=tokens + fit_tokens, note=note))
         fit_tokens = 0
         by[split] = m
-    metric = "f1" if task.metric == "f1" else "accuracy"
+    metric = task.score_name
     summary = dict(study=p.name, task=task.name, model=cfg.model, backend=cfg.backend, optimizer=p.arm.optimizer,
                    seed=cfg.seed, budget=0, calls=0, tokens=0, seconds=0.0, metric=metric, selected_trial=None,
                    dev=by["dev"][metric], test=by["test"][metric], storage=storage.url)
+    for key in TEXT_SCORES:             # generation: the answers' scores, as a tuned study's summary has them
+        if key in by["test"]:
+            summary.update({f"dev_{key}": by["dev"][key], f"test_{key}": by["test"][key]})
     if storage.get_study(p.name) is not None:
         storage.delete_study(p.name)
     row = storage.create_study(p.name, stored, bbpt_version=bbpt.__version__, model=cfg.model)

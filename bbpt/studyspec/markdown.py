@@ -99,7 +99,9 @@ def _header(spec: StudySpec, storage_url, spec_arg, rows, cells) -> list[str]:
 def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
     from bbpt.tasks.builtin import CLASSIFICATION
 
-    metric = CLASSIFICATION[task].metric if task in CLASSIFICATION else "logprob"
+    if task not in CLASSIFICATION:
+        return _generation_section(spec, task, cells, out)
+    metric = CLASSIFICATION[task].metric
     name = "macro-F1" if metric == "f1" else "accuracy"
     ref = cells.get((task, spec.reference), []) if spec.reference else []
     target = float(np.mean([s["dev"] for _, s in ref])) if ref else None
@@ -129,6 +131,51 @@ def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
     if png:
         lines += [f"![best-so-far dev {name} on {task}, against calls and seconds]({png.name})", ""]
     return lines
+
+
+GENERATION_LEGEND = """Generation columns: *dev NLL* is the mean negative log-likelihood per reference token of the prompt selected on
+dev (selection compares it: cheap, no generation), *test NLL* the same on test's first reference; BLEU (corpus,
+multi-reference, sacrebleu), ROUGE-L (F1 against the best reference, rouge-score) and slot coverage (share of
+the input's values found verbatim in the answer; familyFriendly left out) score the greedy answers on test,
+once. All are mean ± sample standard deviation over seeds."""
+
+
+def _generation_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
+    head = ["arm", "optimizer", "seeds", "dev NLL", "test NLL", "test BLEU", "test ROUGE-L", "test slot coverage",
+            "calls", "tokens", "seconds"]
+    lines = [f"## {task}", ""]
+    if spec.task_settings.get(task):
+        lines += ["Settings for this task: " + ", ".join(f"{k} = {v}" for k, v in spec.task_settings[task].items())
+                  + ".", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in spec.arms:
+        got = cells.get((task, arm.name), [])
+        row = [arm.name, arm.optimizer, f"{len(got)}/{len(spec.seeds)}"]
+        if got:
+            sums = [s for _, s in got]
+            row += [_pm_raw([-s["dev"] for s in sums], "{:.3f}"), _pm_raw([-s["test"] for s in sums], "{:.3f}")]
+            row += [_pm_raw([s.get(f"test_{k}") for s in sums], "{:.1f}") for k in ("bleu", "rouge_l", "slot_coverage")]
+            row += [_mean([s["calls"] for s in sums], "{:,.0f}"), _mean([s["tokens"] for s in sums], "{:,.0f}"),
+                    _mean([s["seconds"] for s in sums], "{:,.1f}")] if arm.tuned else ["-", "-", "-"]
+        else:
+            row += ["-"] * (len(head) - 3)
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", GENERATION_LEGEND, ""]
+    png = _plot(spec, task, cells, "logprob", out)
+    if png:
+        lines += [f"![best-so-far dev log-prob per target token on {task}, against calls and seconds]({png.name})",
+                  ""]
+    return lines
+
+
+def _pm_raw(values, fmt: str) -> str:
+    """Mean ± sample std of values as they are (not percent); "-" where a study did not record one."""
+    if any(v is None for v in values):
+        return "-"
+    v = np.asarray(values, dtype=float)
+    if len(v) == 1:
+        return fmt.format(v.mean()) + " (one seed)"
+    return f"{fmt.format(v.mean())} ± {fmt.format(v.std(ddof=1))}"
 
 
 def _plot(spec: StudySpec, task: str, cells, metric: str, out: Path) -> Path | None:

@@ -40,6 +40,7 @@ SETTINGS = tuple(f.name for f in dataclasses.fields(StudyConfig) if f.name not i
 SPEC_KEYS = frozenset({"name", "tasks", "seeds", "storage", "runs_dir", "reference", "arms", "task_settings"})
 # Arms that tune nothing only need what decides the examples and how the model is reached.
 BASELINE_SETTINGS = frozenset({"shots", "dev_shots", "max_test", "model", "backend", "endpoint", "device", "dtype",
+                               "max_new_tokens",
                                "calibration"})
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")   # one path segment: names end up in folders
 

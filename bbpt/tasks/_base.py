@@ -138,6 +138,12 @@ class Task:
     kind: str = "classification"
 
     @property
+    def score_name(self) -> str:
+        """The dev metric selection compares (higher is better): accuracy, macro-F1, or for generation the
+        mean log-prob per target token."""
+        return {"f1": "f1", "logprob": "logprob"}.get(self.metric, "accuracy")
+
+    @property
     def num_classes(self) -> int:
         return len(self.label_words)
 
