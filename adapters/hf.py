@@ -257,10 +257,18 @@ class HFBackend:
         token attends to the keys/values kept from the steps before (``use_cache=False`` recomputes the whole
         sequence every step: the reference the cached path is tested against). A row stops at the
         end-of-sequence token, at any of ``stop`` (cut off, not returned), or after ``max_new_tokens``."""
+        rows = self.generate_rows(delta, examples, template, max_new_tokens=max_new_tokens, stop=stop,
+                                  batch_size=batch_size, use_cache=use_cache)
+        return [r["text"] for r in rows]
+
+    def generate_rows(self, delta, examples: list[Example], template: Template, *, max_new_tokens: int = 64,
+                      stop: list[str] | None = None, batch_size: int = 16, use_cache: bool = True) -> list[dict]:
+        """:meth:`generate` with the details a server reports: per example ``text``, ``ids`` (the new tokens,
+        the end-of-sequence token left out), ``finish`` ("stop" or "length") and ``prompt_tokens``."""
         torch = self.torch
         prompt = None if delta is None else self._prompts(torch.as_tensor(
             np.asarray(delta)[None], device=self.device, dtype=self.dtype))[0]
-        out: list[str] = []
+        out: list[dict] = []
         with torch.inference_mode():
             for start in range(0, len(examples), batch_size):
                 out += self._generate_rows(prompt, examples[start:start + batch_size], template, max_new_tokens,
@@ -279,6 +287,7 @@ class HFBackend:
         eos = self.tokenizer.eos_token_id
         new = [[] for _ in examples]
         done = [False] * len(examples)
+        prompt_tokens = [int(s.shape[0]) for s in seqs]
         lp, kv = self._forward(seqs, keep=use_cache)
         for _ in range(max_new_tokens):
             nxt = lp.argmax(-1).tolist()
@@ -299,8 +308,9 @@ class HFBackend:
             else:
                 seqs = [torch.cat([s, e]) for s, e in zip(seqs, step)]
                 lp, _ = self._forward(seqs)
-        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
-        return [_cut(t, stop) for t in texts]
+        return [dict(text=_cut(self.tokenizer.decode(ids, skip_special_tokens=True), stop), ids=ids,
+                     finish="stop" if d else "length", prompt_tokens=n)
+                for ids, d, n in zip(new, done, prompt_tokens)]
 
     # -- internals ------------------------------------------------------------------------------------------
     def _prompts(self, deltas):

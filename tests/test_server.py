@@ -52,6 +52,9 @@ def prompts_dir(tmp_path_factory):
     SavedPrompt(rng.standard_normal((4, 32)).astype(np.float32) * 0.02,
                 {**meta, "prompt_is": "delta (P0 at the backend)", "init": "text:Classify the review.",
                  "config": {"seed": 0}}).save(root / "sst2-delta")
+    SavedPrompt(rng.standard_normal((4, 32)).astype(np.float32) * 2.0,
+                dict(template="Data: {text}\nText:", label_words=[], label_names=[], tokens=4, task="e2e",
+                     prompt_is="P0 + delta", kind="generation", stop=["\n"])).save(root / "e2e-gen")
     return root
 
 
@@ -75,7 +78,7 @@ def test_health_is_open_and_models_describe_without_weights(server, client):
     assert card["hidden_size"] == 32 and card["vocab_size"] > 1000 and card["embed_std"] > 0
     assert set(card) == {"id", "object", "owned_by", "hidden_size", "embed_std", "vocab_size", "max_model_len",
                          "limits", "prompts"}
-    assert card["prompts"] == ["sst2-delta", "sst2-full"]
+    assert card["prompts"] == ["e2e-gen", "sst2-delta", "sst2-full"]
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/score", "/v1/completions", "/v1/classify", "/v1/prompts"])
@@ -304,7 +307,32 @@ def test_classify_serves_tuned_prompts_by_name(client, tiny_backend, prompts_dir
         assert np.abs(np.asarray(got) - probs).max() < 1e-5
         assert [p["label"] for p in r.json()["predictions"]] == [["negative", "positive"][i] for i in probs.argmax(-1)]
     assert client.post("/v1/classify", json={"prompt": "nope", "texts": ["x"]}).status_code == 404
-    assert [p["name"] for p in client.get("/v1/prompts").json()["prompts"]] == ["sst2-delta", "sst2-full"]
+    assert [p["name"] for p in client.get("/v1/prompts").json()["prompts"]] == ["e2e-gen", "sst2-delta", "sst2-full"]
+
+
+def test_a_tuned_generation_prompt_is_a_model_the_openai_client_completes_with(server, client, tiny_backend,
+                                                                            prompts_dir):
+    """The bank for generation: /v1/models lists each tuned generation prompt as a model on the served one;
+    /v1/completions with that name answers as `bbpt generate --prompt` does for the same inputs."""
+    import openai
+
+    ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert ids[1:] == ["e2e-gen"]
+    inputs = ["name[Zizzi], food[Italian]", "name[The Eagle], eatType[pub], area[riverside]"]
+    api = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    got = api.completions.create(model="e2e-gen", prompt=inputs, max_tokens=6, temperature=0)
+    saved = SavedPrompt.load(prompts_dir / "e2e-gen")
+    tiny_backend.set_init(PromptInit("zeros", 4))
+    want = tiny_backend.generate_rows(saved.prompt, [Example(t) for t in inputs], Template("Data: {text}\nText:"),
+                                      max_new_tokens=6, stop=["\n"])
+    assert [c.text for c in got.choices] == [w["text"] for w in want]
+    assert got.usage.completion_tokens == sum(len(w["ids"]) for w in want)
+    for body in ({"model": "e2e-gen", "prompt": "x", "temperature": 0.7},
+                 {"model": "e2e-gen", "prompt": "x", "logprobs": 2},
+                 {"model": "e2e-gen", "prompt": ""}):
+        assert client.post("/v1/completions", json=body).status_code == 400
+    r = client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and "e2e-gen" in r.text
 
 
 def test_concurrent_requests_for_the_same_inputs_share_one_forward(tiny_backend):

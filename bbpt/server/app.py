@@ -129,9 +129,13 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
         log.exception("unexpected error")
         return _error(500, "internal server error; see the server log", kind="server_error")
 
+    generators = {n: e for n, e in bank.items() if e.kind == "generation"}
+
     def check_model(requested: str | None) -> None:
         if requested and requested != model_name:
-            raise HTTPException(404, f"model {requested!r} is not served here; this server serves {model_name!r}")
+            also = f" and the tuned prompts {sorted(generators)}" if generators else ""
+            raise HTTPException(404, f"model {requested!r} is not served here; this server serves "
+                                     f"{model_name!r}{also}")
 
     @app.get("/health")
     async def health():
@@ -142,7 +146,10 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
         card = dict(id=model_name, object="model", owned_by="bbpt", hidden_size=info.hidden_size,
                     embed_std=info.embed_std, vocab_size=info.vocab_size, max_model_len=limits.max_seq_tokens,
                     limits=limits.to_dict(), prompts=sorted(bank))
-        return {"object": "list", "data": [card]}
+        # Tuned generation prompts are models of their own, on the served one (vLLM lists LoRA adapters so).
+        tuned = [dict(id=n, object="model", owned_by="bbpt", parent=model_name, root=model_name, task=e.task,
+                      tokens=int(e.delta.shape[1])) for n, e in sorted(generators.items())]
+        return {"object": "list", "data": [card, *tuned]}
 
     @app.post("/v1/score")
     async def score(req: ScoreRequest):
@@ -186,6 +193,11 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
 
     @app.post("/v1/completions")
     async def complete(req: CompletionRequest):
+        if req.model in generators:
+            entry = generators[req.model]
+            texts = completions.bank_texts(req, limits)
+            rows = await worker.run(completions.generate_with_prompt, backend, entry, texts, req, worker)
+            return completions.bank_response(rows, req)
         check_model(req.model)
         completions.check_request(req, limits, info.vocab_size)
         embeds, texts = completions.load_prompts(req, limits, info.hidden_size)

@@ -80,6 +80,49 @@ def generate(backend, embeds: list, texts: list[str], req: CompletionRequest, li
     return out
 
 
+def bank_texts(req: CompletionRequest, limits: Limits) -> list[str]:
+    """The inputs of a request to a tuned generation prompt: text only (the prompt's embeddings are the
+    server's), greedy, as ``bbpt generate`` answers; what it cannot honour is refused, not ignored."""
+    if req.stream or req.n != 1 or req.echo or req.prompt_logprobs is not None:
+        raise RequestError("a tuned prompt answers with stream=false, n=1 and no echo or prompt_logprobs")
+    if req.prompt_embeds:
+        raise RequestError(f"model {req.model!r} is a tuned prompt: send its input as prompt (text); the soft "
+                           "prompt is the server's")
+    if req.logprobs is not None:
+        raise RequestError("logprobs are not returned for tuned prompts; leave logprobs out")
+    if req.temperature not in (None, 0):
+        raise RequestError(f"temperature={req.temperature}: tuned prompts answer greedily (send 0 or leave it out)")
+    texts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt or [])
+    if not texts or not all(t.strip() for t in texts):
+        raise RequestError("prompt must be a non-empty text (or list of texts): the input the tuned prompt answers")
+    if len(texts) > limits.max_prompts or any(len(t) > limits.max_text_chars for t in texts):
+        raise RequestError(f"at most {limits.max_prompts} prompts of at most {limits.max_text_chars} characters")
+    if (req.max_tokens or 0) > limits.max_new_tokens:
+        raise RequestError(f"max_tokens={req.max_tokens} is above this server's limit of {limits.max_new_tokens}")
+    return texts
+
+
+def generate_with_prompt(backend, entry, texts: list[str], req: CompletionRequest, worker) -> list[dict]:
+    """On the model thread: greedy answers with a bank prompt, through the template it was tuned with, exactly
+    what ``bbpt generate --prompt`` gives for the same inputs."""
+    from bbpt.tasks import Example
+
+    worker.use_init(entry.init)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop if req.stop is not None else entry.stop)
+    return backend.generate_rows(entry.delta[0], [Example(t) for t in texts], entry.template,
+                                 max_new_tokens=req.max_tokens if req.max_tokens is not None else 16, stop=stop)
+
+
+def bank_response(rows: list[dict], req: CompletionRequest) -> dict:
+    choices = [dict(index=i, text=r["text"], logprobs=None, finish_reason=r["finish"], stop_reason=None)
+               for i, r in enumerate(rows)]
+    prompt_tokens = sum(r["prompt_tokens"] for r in rows)
+    completion_tokens = sum(len(r["ids"]) for r in rows)
+    return dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=req.model,
+                choices=choices, usage=dict(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                            total_tokens=prompt_tokens + completion_tokens))
+
+
 def _decode(backend, x, req: CompletionRequest, gen) -> list[dict]:
     """Token-by-token decoding with a KV cache for one batch of equal-length prompts."""
     from adapters._kv import cache_arg, returned_cache

@@ -1,4 +1,5 @@
-"""A soft-prompt bank for ``/v1/classify``: one frozen model, many tuned prompts, each chosen by name.
+"""A soft-prompt bank: one frozen model, many tuned prompts, each chosen by name: classification prompts through
+``/v1/classify``, generation prompts as models of ``/v1/completions`` (the way vLLM serves LoRA adapters).
 
 ``--prompts DIR`` is scanned once at start: every folder holding a saved prompt (``prompt.safetensors`` and
 ``prompt.json``, as ``bbpt optimize`` writes under ``runs/``) is served under its folder name. Prompts tuned on
@@ -30,9 +31,12 @@ class BankEntry:
     label_names: tuple[str, ...]
     task: str
     bias: tuple[float, ...] | None = None      # the prompt's calibration: added to its label log-probs
+    kind: str = "classification"               # or "generation": answered by /v1/completions
+    stop: tuple[str, ...] = ()                 # generation: the task's stop strings (e2e: a newline)
 
     def describe(self) -> dict:
-        return dict(name=self.name, task=self.task, labels=list(self.label_names), tokens=int(self.delta.shape[1]))
+        return dict(name=self.name, task=self.task, kind=self.kind, labels=list(self.label_names),
+                    tokens=int(self.delta.shape[1]))
 
 
 def entry_from_saved(name: str, saved: SavedPrompt) -> BankEntry:
@@ -49,7 +53,8 @@ def entry_from_saved(name: str, saved: SavedPrompt) -> BankEntry:
     return BankEntry(name=name, init=init, delta=np.asarray(saved.prompt, np.float32)[None],
                      template=Template(meta["template"]), label_words=tuple(meta["label_words"]),
                      label_names=tuple(meta.get("label_names") or meta["label_words"]), task=str(meta.get("task")),
-                     bias=None if saved.bias is None else tuple(saved.bias.tolist()))
+                     bias=None if saved.bias is None else tuple(saved.bias.tolist()),
+                     kind=meta.get("kind", "classification"), stop=tuple(meta.get("stop") or ()))
 
 
 def load_bank(directory: str | Path | None, width: int) -> dict[str, BankEntry]:

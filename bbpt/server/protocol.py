@@ -88,3 +88,4 @@ class CompletionRequest(BaseModel):
     echo: bool | None = False
     stream: bool | None = False
     prompt_logprobs: int | None = None
+    stop: str | list[str] | None = None     # honoured for tuned generation prompts (the bank)

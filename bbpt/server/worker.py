@@ -112,7 +112,7 @@ class ModelWorker:
             res = self.backend.score(None, batch)
             self.forwards += 1
             return [(res.logprobs, res.tokens)]
-        self._use_init(head.init)
+        self.use_init(head.init)
         res = self.backend.score(np.concatenate([j.deltas for j in group]), batch)
         self.forwards += 1
         out, start = [], 0
@@ -132,7 +132,7 @@ class ModelWorker:
                 self._encoded.popitem(last=False)
         return self._encoded[key]
 
-    def _use_init(self, init: PromptInit) -> None:
+    def use_init(self, init: PromptInit) -> None:
         # P0 is resolved once per spec and kept while requests keep naming it (one study at a time is the
         # common case); switching specs costs one embedding lookup, so no larger cache is worth keeping.
         if init != self._init:
