@@ -17,10 +17,15 @@ class BackendKind:
 
     gradients: bool
     prompt_kinds: tuple[str, ...]
+    # What it can score: label log-probs (classification) and/or a target's log-likelihood (generation).
+    # vLLM returns no prompt log-probs for prompt embeddings, and a text API's top-k log-probs cannot score a
+    # given answer token by token, so both score classification only.
+    task_kinds: tuple[str, ...] = ("classification", "generation")
 
 
 BACKENDS = {"local": BackendKind(True, ("soft", "text")), "api": BackendKind(False, ("soft",)),
-            "vllm": BackendKind(False, ("soft",)), "openai": BackendKind(False, ("text",))}
+            "vllm": BackendKind(False, ("soft",), ("classification",)),
+            "openai": BackendKind(False, ("text",), ("classification",))}
 
 
 def backend_kind(kind: str) -> BackendKind:

@@ -29,6 +29,11 @@ class ApiBatch:
     examples: list[dict]
     template: str
     label_words: list[str]
+    target_tokens: np.ndarray | None = None      # generation: learnt from the server's first answer
+
+    @property
+    def generation(self) -> bool:
+        return "target" in self.examples[0]
 
     @property
     def n(self) -> int:
@@ -64,8 +69,13 @@ class ApiBackend:
             raise ConfigError("cannot score an empty list of examples")
         for ex in examples:      # template errors surface here, before any request is sent
             template.render(ex)
-        return ApiBatch([{"text": e.text, "text_pair": e.text_pair} for e in examples], template.source,
-                        list(label_words))
+        generation = any(e.targets for e in examples)
+        if generation and not all(e.targets for e in examples):
+            raise ConfigError("some examples have reference answers and some do not; a batch is either "
+                              "classification or generation")
+        rows = [{"text": e.text, "text_pair": e.text_pair, **({"target": e.targets[0]} if generation else {})}
+                for e in examples]
+        return ApiBatch(rows, template.source, [] if generation else list(label_words))
 
     def score(self, deltas: np.ndarray | None, batch: ApiBatch) -> ScoreResult:
         if deltas is not None and self.init is None:
@@ -81,19 +91,28 @@ class ApiBackend:
                     init=self.init, deltas=None if deltas is None else deltas[c0:c0 + cand_step],
                     dtype=self.wire_dtype))
         replies = self.http.post_many("/v1/score", payloads)
-        out = np.empty((pop, batch.n, len(batch.label_words)), np.float32)
-        tokens = 0
+        shape = (pop, batch.n) if batch.generation else (pop, batch.n, len(batch.label_words))
+        out = np.empty(shape, np.float32)
+        tokens, target_tokens = 0, np.zeros(batch.n, np.int64)
         for (c0, e0), r in zip(slots, replies):
             block = out[c0:c0 + cand_step, e0:e0 + ex_step]
+            if batch.generation:
+                target_tokens[e0:e0 + ex_step] = r.body.get("target_tokens") or 0
             lp, used = read_score_response(r.body)
             if lp.shape != block.shape:
                 raise BackendError(f"{self.http.base_url}/v1/score returned log-probs of shape {lp.shape}, "
                                    f"expected {block.shape}; is it a bbpt serve of the same version?")
             block[...] = lp
             tokens += used
+        if batch.generation:
+            if not target_tokens.all():
+                raise BackendError(f"{self.http.base_url}/v1/score did not say how long the targets are "
+                                   "(target_tokens); is it a bbpt serve of this version?")
+            batch.target_tokens = target_tokens
         return ScoreResult(logprobs=out, tokens=tokens,
                            bytes_sent=sum(r.bytes_sent for r in replies),
-                           bytes_received=sum(r.bytes_received for r in replies))
+                           bytes_received=sum(r.bytes_received for r in replies),
+                           target_tokens=target_tokens if batch.generation else None)
 
     def _steps(self, deltas, batch: ApiBatch) -> tuple[int, int]:
         """Candidates and examples per request, within the server's count and body-size limits."""

@@ -89,6 +89,12 @@ def check_task(cfg: StudyConfig, task: Task) -> None:
     """What a generation task cannot do: its score is each answer's likelihood, not label scores."""
     if task.kind != "generation":
         return
+    from adapters import backend_kind
+
+    if "generation" not in backend_kind(cfg.backend).task_kinds:
+        raise ConfigError(f"--backend {cfg.backend} cannot score a generation task: it returns no log-likelihood "
+                          "of a given answer (vLLM gives no prompt log-probs for prompt embeddings; a text API only "
+                          "top-k log-probs); use --backend local, or api (a bbpt serve)")
     if cfg.optimizer == "gn":
         raise ConfigError(f"--optimizer gn models label scores, and {task.name!r} is a generation task (it scores "
                           "answers' likelihoods); use cma, backprop or nevergrad:NAME")
@@ -220,11 +226,11 @@ class Session:
         if self.task.kind == "generation" and (sel, "dev") in done and "bleu" not in self._dev_metrics(sel):
             # The answers of the selected prompt only: generating for every dev check would cost more than
             # the check (selection reads the dev NLL).
-            self.storage.update_evaluation(sid, sel, "dev", self._answers(delta[0], "dev"))
+            self.storage.update_evaluation(sid, sel, "dev", self._answers(delta, "dev"))
         if (sel, "test") not in done:
             m, tokens, secs = evaluate(self.backend, delta, self._encode_test(), y_test, self.task.num_classes,
                                        loop.dev_best_bias)
-            m.update(self._answers(delta[0], "test"))
+            m.update(self._answers(delta, "test"))
             evals.append(dict(trial_number=sel, split="test", metrics=m, tokens=tokens, calls_at=loop.calls,
                               seconds_at=loop.seconds, note="selected on dev; scored once"))
         store.add_evaluations(sid, evals)
@@ -275,7 +281,10 @@ class Session:
     def _answers(self, delta, split: str) -> dict:
         """Generation only: BLEU, ROUGE-L (and slot coverage) of the greedy answers of P0 + ``delta`` (None:
         the manual template alone) on a split; {} for classification, or a backend that cannot generate."""
-        return answer_metrics(self.backend, delta, self.task, split, self.config.max_new_tokens)
+        if self.task.kind != "generation":
+            return {}
+        one = None if delta is None else delta[0]
+        return answer_metrics(self.backend, one, self.task, split, self.config.max_new_tokens)
 
     def _dev_metrics(self, trial: int) -> dict:
         return next(e.metrics for e in self.storage.evaluations(self.study_id)

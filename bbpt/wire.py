@@ -112,7 +112,7 @@ def score_request(model: str | None, examples: list[dict], template: str, label_
                   deltas: np.ndarray | None = None, dtype: str = "float32") -> dict:
     """The body of ``POST /v1/score`` (the server validates it as :class:`bbpt.server.protocol.ScoreRequest`).
 
-    ``examples`` are ``{"text", "text_pair"}`` dicts; ``init`` (a :class:`bbpt.prompt.PromptInit`) says how the
+    ``examples`` are ``{"text", "text_pair"}`` dicts (generation: with ``"target"``, and no label words); ``init`` (a :class:`bbpt.prompt.PromptInit`) says how the
     server builds P0 and must come with ``deltas``, the population's offsets ``[pop, m, D]``. Without deltas
     the examples are scored with no prompt (the manual template's baseline).
     """
@@ -123,10 +123,15 @@ def score_request(model: str | None, examples: list[dict], template: str, label_
     return body
 
 
-def score_response(model: str, logprobs: np.ndarray, tokens: int) -> dict:
-    """The body ``/v1/score`` answers with: label log-probs ``[pop, n, C]`` and the tokens the model read."""
-    return {"model": model, "logprobs": logprobs.tolist(),
+def score_response(model: str, logprobs: np.ndarray, tokens: int, target_tokens=None) -> dict:
+    """The body ``/v1/score`` answers with: label log-probs ``[pop, n, C]`` and the tokens the model read; for
+    examples sent with targets (generation), each target's summed log-prob ``[pop, n]`` and its length in
+    tokens (``target_tokens``, ``[n]``, the end-of-sequence token included)."""
+    body = {"model": model, "logprobs": logprobs.tolist(),
             "usage": {"prompt_tokens": tokens, "candidates": len(logprobs), "examples": logprobs.shape[1]}}
+    if target_tokens is not None:
+        body["target_tokens"] = [int(t) for t in target_tokens]
+    return body
 
 
 def read_score_response(body: dict) -> tuple[np.ndarray, int]:

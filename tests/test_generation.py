@@ -358,3 +358,43 @@ def test_peft_generates_the_greedy_tokens_bbpt_generates_tiny(tiny_model_dir, tm
 def test_peft_generates_the_greedy_tokens_bbpt_generates_default_model(default_model_dir, tmp_path):
     answers = _peft_generates_what_bbpt_generates("smollm2-135m", tmp_path, steps=2, new_tokens=24)
     assert len({tuple(a) for a in answers}) > 1          # real, different answers were compared
+
+
+def test_the_serve_protocol_carries_targets_and_scores_equal_the_local_ones(tiny_model_dir, tmp_path):
+    """Black-box generation behind `bbpt serve`: targets travel with the examples, and the target log-probs
+    (split over several requests by the server's limits) equal the local backend's; a study runs through it."""
+    from adapters import make_backend
+    from serve_helpers import ServerProcess
+
+    server = ServerProcess(tiny_model_dir, tmp_path, "--max-candidates", "2", "--max-examples", "3").start()
+    try:
+        task = load_task(task="e2e", shots=5, seed=0)
+        remote = make_backend("api", endpoint=server.url)
+        local = _backend(tiny_model_dir)
+        init = PromptInit("text", 3, 0, "Describe it.")
+        remote.set_init(init)
+        local.set_init(init)
+        deltas = np.random.default_rng(3).standard_normal((3, 3, 32)).astype(np.float32) * 0.1
+        got = remote.score(deltas, remote.encode(task.train, task.template, []))
+        want = local.score(deltas, local.encode(task.train, task.template, []))
+        assert got.logprobs.shape == (3, 5)
+        np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
+        np.testing.assert_array_equal(got.target_tokens, want.target_tokens)
+        r = cli(["optimize", "--task", "e2e", "--backend", "api", "--endpoint", server.url, "--model", tiny_model_dir,
+                 "--optimizer", "cma",
+                 "--budget", "4", "--popsize", "2", "--shots", "2", "--max-test", "3", "--prompt-tokens", "3",
+                 "--intrinsic-dim", "4", "--storage", f"sqlite:///{tmp_path / 'a.db'}", "--runs-dir",
+                 str(tmp_path / "runs"), "--no-progress", "--json"], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["metric"] == "logprob" and "scored by likelihood only" in r.stderr
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("backend", ["vllm", "openai"])
+def test_backends_that_cannot_score_an_answer_refuse_generation(tmp_path, backend):
+    r = cli(["optimize", "--task", "e2e", "--backend", backend, "--endpoint", "http://127.0.0.1:9",
+             "--space", "projected" if backend == "vllm" else "discrete", "--storage",
+             f"sqlite:///{tmp_path / 'x.db'}"], cwd=tmp_path)
+    assert r.returncode == 2 and f"--backend {backend} cannot score a generation task" in r.stderr, r.stderr
+    assert not (tmp_path / "x.db").exists()

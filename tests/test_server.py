@@ -350,9 +350,9 @@ def test_concurrent_requests_for_the_same_inputs_share_one_forward(tiny_backend)
 
     results = asyncio.run(all_at_once())
     assert worker.forwards == 1
-    for d, (lp, tokens) in zip(pops, results):
+    for d, (lp, tokens, target_tokens) in zip(pops, results):
         ref = _local(tiny_backend, d)
-        assert np.abs(lp - ref.logprobs).max() < 1e-5 and tokens == ref.tokens
+        assert np.abs(lp - ref.logprobs).max() < 1e-5 and tokens == ref.tokens and target_tokens is None
     worker.close()
 
 

@@ -167,8 +167,8 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
             if deltas.ndim != 3 or deltas.shape[1:] != expected[1:] or not 1 <= len(deltas) <= limits.max_candidates:
                 raise RequestError(f"deltas have shape {list(deltas.shape)}; expected [pop, {init.tokens}, "
                                    f"{info.hidden_size}] with 1 <= pop <= {limits.max_candidates}")
-        lp, tokens = await worker.score(init, deltas, examples, template, req.label_words)
-        return score_response(model_name, lp, tokens)
+        lp, tokens, target_tokens = await worker.score(init, deltas, examples, template, req.label_words)
+        return score_response(model_name, lp, tokens, target_tokens)
 
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest):
@@ -180,7 +180,7 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
         pairs = req.text_pairs or [None] * len(req.texts)
         examples, _ = _inputs([Example(t, 0, p) for t, p in zip(req.texts, pairs)], entry.template.source,
                               list(entry.label_words), limits)
-        lp, _ = await worker.score(entry.init, entry.delta, examples, entry.template, list(entry.label_words))
+        lp, *_ = await worker.score(entry.init, entry.delta, examples, entry.template, list(entry.label_words))
         scores = lp[0] + (0.0 if entry.bias is None else np.asarray(entry.bias))   # as eval and predict do
         probs = np.exp(scores - np.logaddexp.reduce(scores, axis=-1, keepdims=True))
         return {"prompt": entry.name, "predictions": [
@@ -212,13 +212,19 @@ def _inputs(examples, template: str, label_words: list[str], limits: Limits) -> 
     if len(examples) > limits.max_examples:
         raise RequestError(f"{len(examples)} examples in one request; this server takes at most "
                            f"{limits.max_examples} (split them across requests)")
-    if not 1 <= len(label_words) <= limits.max_labels or not all(w for w in label_words):
+    targets = [getattr(e, "target", None) for e in examples]
+    if any(t is not None for t in targets):
+        # Generation: each example's reference answer is scored; there are no label words.
+        if label_words or not all(t and t.strip() for t in targets):
+            raise RequestError("a generation request gives every example a non-empty target and no label_words")
+    elif not 1 <= len(label_words) <= limits.max_labels or not all(w for w in label_words):
         raise RequestError(f"label_words must be 1..{limits.max_labels} non-empty words")
-    texts = [template, *label_words, *(e.text for e in examples), *(e.text_pair or "" for e in examples)]
+    texts = [template, *label_words, *(e.text for e in examples), *(e.text_pair or "" for e in examples),
+             *(t or "" for t in targets)]
     if any(len(t) > limits.max_text_chars for t in texts):
         raise RequestError(f"a text, template or label word is longer than {limits.max_text_chars} characters")
     tpl = Template(template)
-    out = [Example(e.text, 0, e.text_pair) for e in examples]
+    out = [Example(e.text, 0, e.text_pair, targets=(t,) if t is not None else ()) for e, t in zip(examples, targets)]
     for ex in out:
         tpl.render(ex)         # a missing text_pair is the request's fault: find it here, not on the model thread
     return out, tpl

@@ -53,6 +53,7 @@ class InitIn(_Strict):
 class ExampleIn(_Strict):
     text: str
     text_pair: str | None = None
+    target: str | None = None           # generation: the reference answer whose log-likelihood is scored
 
 
 class ScoreRequest(_Strict):
@@ -61,7 +62,7 @@ class ScoreRequest(_Strict):
     deltas: ArrayIn | None = None       # [pop, m, D] offsets added to P0; absent: score without a prompt
     examples: list[ExampleIn] = Field(min_length=1)
     template: str
-    label_words: list[str] = Field(min_length=1)
+    label_words: list[str] = Field(default_factory=list)    # classification; generation examples have targets
 
 
 class ClassifyRequest(_Strict):

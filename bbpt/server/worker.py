@@ -59,8 +59,9 @@ class ModelWorker:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def score(self, init: PromptInit | None, deltas: np.ndarray | None, examples: list[Example],
-                    template: Template, label_words: list[str]) -> tuple[np.ndarray, int]:
-        """Label log-probs ``[pop, n, C]`` and the tokens processed, possibly computed with other requests."""
+                    template: Template, label_words: list[str]) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """Label log-probs ``[pop, n, C]`` (generation: target log-probs ``[pop, n]``), the tokens processed and,
+        for generation, each target's length in tokens; possibly computed with other requests."""
         ex, labels = tuple(examples), tuple(label_words)
         job = _Job(key=(init, deltas is None, ex, template, labels), init=init, deltas=deltas, examples=ex,
                    template=template, label_words=labels, future=asyncio.get_running_loop().create_future())
@@ -111,13 +112,14 @@ class ModelWorker:
         if head.deltas is None:
             res = self.backend.score(None, batch)
             self.forwards += 1
-            return [(res.logprobs, res.tokens)]
+            return [(res.logprobs, res.tokens, res.target_tokens)]
         self.use_init(head.init)
         res = self.backend.score(np.concatenate([j.deltas for j in group]), batch)
         self.forwards += 1
         out, start = [], 0
         for j in group:     # every candidate processes the same tokens, so usage splits by population share
-            out.append((res.logprobs[start:start + j.pop], res.tokens * j.pop // len(res.logprobs)))
+            out.append((res.logprobs[start:start + j.pop], res.tokens * j.pop // len(res.logprobs),
+                        res.target_tokens))
             start += j.pop
         return out
 
