@@ -108,11 +108,7 @@ def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
     head = ["arm", "optimizer", "seeds", f"dev {name}", f"test {name}", "calls", "tokens", "seconds"]
     if target is not None:
         head.append(f"calls to reach dev {100 * target:.1f} ({spec.reference})")
-    lines = [f"## {task}", ""]
-    if spec.task_settings.get(task):
-        lines += ["Settings for this task: " + ", ".join(f"{k} = {v}" for k, v in spec.task_settings[task].items())
-                  + ".", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = _table_head(spec, task, head)
     for arm in spec.arms:
         got = cells.get((task, arm.name), [])
         row = [arm.name, arm.optimizer, f"{len(got)}/{len(spec.seeds)}"]
@@ -143,11 +139,7 @@ once. All are mean ± sample standard deviation over seeds."""
 def _generation_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
     head = ["arm", "optimizer", "seeds", "dev NLL", "test NLL", "test BLEU", "test ROUGE-L", "test slot coverage",
             "calls", "tokens", "seconds"]
-    lines = [f"## {task}", ""]
-    if spec.task_settings.get(task):
-        lines += ["Settings for this task: " + ", ".join(f"{k} = {v}" for k, v in spec.task_settings[task].items())
-                  + ".", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = _table_head(spec, task, head)
     for arm in spec.arms:
         got = cells.get((task, arm.name), [])
         row = [arm.name, arm.optimizer, f"{len(got)}/{len(spec.seeds)}"]
@@ -166,6 +158,15 @@ def _generation_section(spec: StudySpec, task: str, cells, out: Path) -> list[st
         lines += [f"![best-so-far dev log-prob per target token on {task}, against calls and seconds]({png.name})",
                   ""]
     return lines
+
+
+def _table_head(spec: StudySpec, task: str, head: list[str]) -> list[str]:
+    """A task section's title, its own settings, and its table's header."""
+    lines = [f"## {task}", ""]
+    if spec.task_settings.get(task):
+        lines += ["Settings for this task: " + ", ".join(f"{k} = {v}" for k, v in spec.task_settings[task].items())
+                  + ".", ""]
+    return lines + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
 
 def _pm_raw(values, fmt: str) -> str:
