@@ -398,3 +398,18 @@ def test_backends_that_cannot_score_an_answer_refuse_generation(tmp_path, backen
              f"sqlite:///{tmp_path / 'x.db'}"], cwd=tmp_path)
     assert r.returncode == 2 and f"--backend {backend} cannot score a generation task" in r.stderr, r.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+def test_chat_rows_are_rendered_with_the_models_chat_template(tiny_model_dir, tmp_path):
+    p = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]}
+            for w in ("yes", "no", "maybe", "never")]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(data=str(p), shots=1, dev_shots=1)
+    b = _backend(tiny_model_dir)
+    batch = b.encode(task.train, task.template, [])
+    text = b.tokenizer.decode(batch.after[0][:-len(batch.targets[0])])
+    msgs = [{"role": r, "content": c} for r, c in task.train[0].chat]
+    assert text == b.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert b.tokenizer.decode(batch.targets[0]) == task.train[0].targets[0] + b.tokenizer.eos_token
+    assert task.kind == "generation" and len(task.test) == 2          # what the split leaves is test
