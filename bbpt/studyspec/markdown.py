@@ -207,9 +207,17 @@ def _overview(spec: StudySpec, cells) -> list[str]:
 
 
 def _shots(cfg) -> str:
+    # A generation task has no classes: its shots count examples.
+    unit = "examples per class" if _classifies(cfg.task) else "examples"
     if cfg.dev_shots is None or cfg.dev_shots == cfg.shots:
-        return f"{cfg.shots} examples per class in train and in dev"
-    return f"{cfg.shots} examples per class in train, {cfg.dev_shots} in dev"
+        return f"{cfg.shots} {unit} in train and in dev"
+    return f"{cfg.shots} {unit} in train, {cfg.dev_shots} in dev"
+
+
+def _classifies(task: str) -> bool:
+    from bbpt.tasks.builtin import CLASSIFICATION
+
+    return task in CLASSIFICATION
 
 
 def _describe(spec: StudySpec, arm: Arm) -> str:
@@ -218,7 +226,8 @@ def _describe(spec: StudySpec, arm: Arm) -> str:
     if arm.optimizer == "manual":
         return "the task's manual prompt, no tuning"
     if arm.optimizer == "icl":
-        return f"{arm.demos_per_class} solved train example(s) per class before the manual prompt, no tuning"
+        per = " per class" if _classifies(cfg.task) else ""
+        return f"{arm.demos_per_class} solved train example(s){per} before the manual prompt, no tuning"
     parts = [arm.optimizer, f"budget {cfg.budget} calls", f"{cfg.prompt_tokens} prompt tokens", f"init {cfg.init}",
              f"space {cfg.space}"]
     if cfg.prompt_position:
