@@ -130,8 +130,7 @@ def cmd_eval(args) -> int:
     batch = backend.encode(examples, task.template, task.label_words)
     try:
         m, tokens, secs = evaluate(backend, prompt, batch, [e.label for e in examples], task.num_classes, bias)
-        if task.kind == "generation":
-            m.update(answer_metrics(backend, prompt[0], task, args.split, cfg.max_new_tokens))
+        m.update(answer_metrics(backend, prompt, task, args.split, cfg.max_new_tokens))
     finally:
         backend.close()
     out = dict(prompt=args.prompt, task=task.name, split=args.split, examples=len(examples), **m,

@@ -145,10 +145,10 @@ def evaluate(backend, prompts, batch, labels, num_classes: int, bias=None, *, fi
     return (*out, bias) if with_bias else out
 
 
-def answer_metrics(backend, delta, task, split: str, max_new_tokens: int, template=None) -> dict:
-    """Generation tasks: BLEU, ROUGE-L (and slot coverage for E2E) of the greedy answers of P0 + ``delta``
-    (None: the template alone) on one split; {} for classification, or for a backend that cannot generate
-    (it is then scored by likelihood only, and a warning says so)."""
+def answer_metrics(backend, prompts, task, split: str, max_new_tokens: int, template=None) -> dict:
+    """Generation tasks: BLEU, ROUGE-L (and slot coverage for E2E) of the greedy answers of the one prompt in
+    ``prompts`` (offsets ``[1, m, D]``; None: the template alone) on one split; {} for classification, or for a
+    backend that cannot generate (it is then scored by likelihood only, and a warning says so)."""
     if task.kind != "generation":
         return {}
     if not hasattr(backend, "generate"):
@@ -157,7 +157,7 @@ def answer_metrics(backend, delta, task, split: str, max_new_tokens: int, templa
     from bbpt.textmetrics import text_metrics
 
     examples = task.split(split)
-    answers = backend.generate(delta, examples, template or task.template, max_new_tokens=max_new_tokens,
+    answers = backend.generate(None if prompts is None else prompts[0], examples, template or task.template, max_new_tokens=max_new_tokens,
                                stop=task.meta.get("stop"))
     return text_metrics(answers, examples, slots=task.meta.get("slots") == "e2e")
 

@@ -281,10 +281,7 @@ class Session:
     def _answers(self, delta, split: str) -> dict:
         """Generation only: BLEU, ROUGE-L (and slot coverage) of the greedy answers of P0 + ``delta`` (None:
         the manual template alone) on a split; {} for classification, or a backend that cannot generate."""
-        if self.task.kind != "generation":
-            return {}
-        one = None if delta is None else delta[0]
-        return answer_metrics(self.backend, one, self.task, split, self.config.max_new_tokens)
+        return answer_metrics(self.backend, delta, self.task, split, self.config.max_new_tokens)
 
     def _dev_metrics(self, trial: int) -> dict:
         return next(e.metrics for e in self.storage.evaluations(self.study_id)
