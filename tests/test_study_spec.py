@@ -202,6 +202,10 @@ def test_unknown_spec_key_exits_2_naming_it(tmp_path, tiny_model_dir):
     ("[task_settings.yelp]\nshots = 2", "", "'yelp' is not in this spec's tasks ['sst2']"),
     ("[task_settings.sst2]\nshotz = 2", "", "[task_settings.sst2]: unknown key 'shotz'"),
     ("[task_settings.sst2]\nbudget = 4", "", "budget is also set by arm 'bp'; set it in one place"),
+    ("", "[arms.task_settings.yelp]\nbudget = 12", "'yelp' is not in this spec's tasks ['sst2']"),
+    ("", "[arms.task_settings.sst2]\nbudgett = 12", "[arms.task_settings.sst2]: unknown key 'budgett'"),
+    ("", "[arms.task_settings.sst2]\nbudget = 0", "'cma' [arms.task_settings.sst2]: budget 0 is invalid"),
+    ("", 'task_settings = "sst2"', "task_settings should be one table per task"),
 ])
 def test_spec_mistakes_exit_2(tmp_path, tiny_model_dir, capsys, top, arm_extra, message):
     spec = write_spec(tmp_path, tiny_model_dir, top=top, arm_extra=arm_extra)
@@ -215,6 +219,16 @@ def test_task_settings_apply_to_every_arm_of_that_task(tmp_path, tiny_model_dir)
     assert {p.config.shots for p in spec.plan} == {2}                   # baselines draw the same examples
     assert {p.config.popsize for p in spec.plan if p.arm.tuned} == {2}
     assert spec.task_settings == {"sst2": {"shots": 2, "popsize": 2}}
+
+
+def test_an_arms_task_settings_apply_to_that_arm_and_task_only(tmp_path, tiny_model_dir):
+    # The most specific table wins: it overrides the arm's own value and the spec's [task_settings] alike.
+    spec = load_spec(write_spec(tmp_path, tiny_model_dir, top="[task_settings.sst2]\nshots = 2",
+                                arm_extra="popsize = 4\n[arms.task_settings.sst2]\nbudget = 12\nshots = 3"))
+    by_arm = {p.arm.name: p.config for p in spec.plan if p.seed == 0}
+    assert by_arm["cma"].budget == 12 and by_arm["cma"].shots == 3
+    assert by_arm["bp"].budget == 3 and by_arm["bp"].shots == 2 and by_arm["manual"].shots == 2
+    assert spec.arm("cma").task_settings == {"sst2": {"budget": 12, "shots": 3}}
 
 
 def test_baseline_arm_rejects_tuning_keys(tmp_path, tiny_model_dir, capsys):

@@ -64,7 +64,10 @@ def baseline_config(p: Planned) -> dict:
 def baseline_differences(stored: dict, p: Planned) -> list[str]:
     want = baseline_config(p)
     if stored.get("version", 1) < 2:      # what a key added since meant before it existed
-        stored = {**{k: v for k, v in V1_MEANING.items() if k in want}, **stored, "version": want["version"]}
+        stored = {**{k: v for k, v in V1_MEANING.items() if k in want}, **stored}
+    if stored.get("version", 1) < want["version"]:
+        # Version 3 changed only where a soft prompt goes, which no baseline has: older baselines still match.
+        stored = {**stored, "version": want["version"]}
     return sorted(k for k in set(stored) | set(want)
                   if k not in RESULT_NEUTRAL and stored.get(k) != want.get(k))
 

@@ -166,6 +166,10 @@ def _table_head(spec: StudySpec, task: str, head: list[str]) -> list[str]:
     if spec.task_settings.get(task):
         lines += ["Settings for this task: " + ", ".join(f"{k} = {v}" for k, v in spec.task_settings[task].items())
                   + ".", ""]
+    own = [f"{a.name}: " + ", ".join(f"{k} = {v}" for k, v in a.task_settings[task].items())
+           for a in spec.arms if a.task_settings.get(task)]
+    if own:
+        lines += ["Arm settings for this task: " + "; ".join(own) + ".", ""]
     return lines + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
 
@@ -235,6 +239,9 @@ def _describe(spec: StudySpec, arm: Arm) -> str:
     if cfg.space == "projected":
         parts += [f"d {cfg.intrinsic_dim}", f"alpha {cfg.alpha:g}"]
     parts += [f"lr {cfg.lr:g}"] if arm.optimizer == "backprop" else [f"popsize {cfg.popsize}", f"sigma0 {cfg.sigma0:g}"]
+    if arm.task_settings:     # the first task's values were shown; say which ones vary
+        varied = sorted({k for t in arm.task_settings.values() for k in t})
+        parts.append(f"{cfg.task}'s {', '.join(varied)} shown (set per task: see each task)")
     return ", ".join(parts) + f", loss {cfg.loss}, dev every {cfg.eval_every} calls"
 
 

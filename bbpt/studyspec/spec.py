@@ -4,7 +4,9 @@ Top-level keys are the spec's own (name, tasks, seeds, storage, runs_dir, refere
 any :class:`~bbpt.config.StudyConfig` setting, which becomes the default of every arm; an ``[[arms]]`` table
 names an optimizer and overrides any of those settings; a ``[task_settings.<task>]`` table overrides them for
 one task's studies (e.g. fewer shots where a task has many classes). A key set both by an arm and by a task is
-an error: which of the two should win is a question only the spec's author can answer. Two arms tune
+an error: which of the two should win is a question only the spec's author can answer. An arm's own
+``[arms.task_settings.<task>]`` table overrides its settings for one task (e.g. a black-box budget sized to each
+task's cost); being the most specific, it wins over everything else. Two arms tune
 nothing: ``manual`` scores the task's manual prompt, ``icl`` the same prompt after in-context demonstrations
 drawn from the train split.
 
@@ -51,6 +53,10 @@ class Arm:
     optimizer: str                       # an optimizer spec, or "manual" / "icl"
     settings: dict                       # StudyConfig overrides of this arm (as written)
     demos_per_class: int = 1             # icl only
+    task_settings: dict = field(default_factory=dict)   # task -> this arm's overrides for that task only
+
+    def settings_for(self, task: str) -> dict:
+        return {**self.settings, **self.task_settings.get(task, {})}
 
     @property
     def tuned(self) -> bool:
@@ -142,7 +148,7 @@ def load_spec(path: str | Path) -> StudySpec:
             or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise ConfigError(f"{where}: seeds = {seeds!r} should be a list of distinct integers, e.g. seeds = [0, 1, 2]")
     defaults = {k: _typed(k, v, where) for k, v in raw.items() if k in SETTINGS}
-    arms = _arms(raw.get("arms"), path)
+    arms = _arms(raw.get("arms"), path, tasks)
     task_settings = _task_settings(raw.get("task_settings", {}), tasks, arms, path)
     spec = StudySpec(path=path, name=name, tasks=tasks, seeds=seeds, arms=arms, defaults=defaults,
                      task_settings=task_settings,
@@ -152,7 +158,7 @@ def load_spec(path: str | Path) -> StudySpec:
     return spec
 
 
-def _arms(raw_arms, path: Path) -> list[Arm]:
+def _arms(raw_arms, path: Path, tasks: list[str]) -> list[Arm]:
     if not isinstance(raw_arms, list) or not raw_arms or not all(isinstance(a, dict) for a in raw_arms):
         raise ConfigError(f"{path}: no arms; add one [[arms]] table per arm, each with name and optimizer, e.g.\n"
                           '[[arms]]\nname = "cma"\noptimizer = "cma"')
@@ -172,13 +178,30 @@ def _arms(raw_arms, path: Path) -> list[Arm]:
             allowed = {"name", "optimizer"} | BASELINE_SETTINGS | ({"demos_per_class"} if opt == "icl" else set())
         else:
             allowed = {"name", "optimizer"} | set(SETTINGS)
-        _check_keys(a, allowed, where, note=f" for an arm with optimizer {opt!r}")
+        _check_keys(a, allowed | {"task_settings"}, where, note=f" for an arm with optimizer {opt!r}")
         demos = a.get("demos_per_class", 1)
         if isinstance(demos, bool) or not isinstance(demos, int) or demos < 1:
             raise ConfigError(f"{where}: demos_per_class = {demos!r} should be an integer of at least 1")
         settings = {k: _typed(k, v, where) for k, v in a.items() if k in SETTINGS}
-        arms.append(Arm(name=a["name"], optimizer=opt, settings=settings, demos_per_class=demos))
+        per_task = _arm_task_settings(a.get("task_settings", {}), tasks, allowed - {"name", "optimizer", "demos_per_class"},
+                                      where)
+        arms.append(Arm(name=a["name"], optimizer=opt, settings=settings, demos_per_class=demos,
+                        task_settings=per_task))
     return arms
+
+
+def _arm_task_settings(raw, tasks: list[str], allowed: set, where: str) -> dict[str, dict]:
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ConfigError(f"{where}: task_settings should be one table per task, e.g.\n"
+                          "[arms.task_settings.yelp]\nbudget = 400")
+    out = {}
+    for task, table in raw.items():
+        here = f"{where} [arms.task_settings.{task}]"
+        if task not in tasks:
+            raise ConfigError(f"{here}: {task!r} is not in this spec's tasks {tasks}; add it there or remove the table")
+        _check_keys(table, allowed, here)
+        out[task] = {k: _typed(k, v, here) for k, v in table.items()}
+    return out
 
 
 def _task_settings(raw, tasks: list[str], arms: list[Arm], path: Path) -> dict[str, dict]:
@@ -218,13 +241,14 @@ def _plan(spec: StudySpec) -> list[Planned]:
     for seed in spec.seeds:
         for task in spec.tasks:
             for arm in spec.arms:
-                values = {**spec.defaults, **spec.task_settings.get(task, {}), **arm.settings}
+                values = {**spec.defaults, **spec.task_settings.get(task, {}), **arm.settings_for(task)}
                 if arm.tuned:
                     values["optimizer"] = arm.optimizer
                 else:
                     values = {k: v for k, v in values.items() if k in BASELINE_SETTINGS}
                     values["optimizer"] = "random"     # placeholder: StudyConfig needs one; never run
-                where = f"{spec.path} [[arms]] {arm.name!r}"
+                where = f"{spec.path} [[arms]] {arm.name!r}" + (
+                    f" [arms.task_settings.{task}]" if task in arm.task_settings else "")
                 try:
                     cfg = StudyConfig(task=task, seed=seed, **values)
                 except ConfigError as e:
