@@ -78,7 +78,9 @@ def run_baseline(p: Planned, storage: Storage, backend) -> dict:
     All scoring happens before the first write, and a study left incomplete by a kill between the writes is
     deleted and redone here: it has no trials, so nothing of value is lost."""
     cfg = p.config
-    task = load_task_for(cfg)
+    # No soft prompt goes in, so the template is tokenized as written (one piece): a placement would only split
+    # its tokenization where an empty prompt sits, and the stored config (which has no placement) stays true.
+    task = load_task_for(dataclasses.replace(cfg, prompt_position="prefix"))
     stored = baseline_config(p)
     note = "manual prompt"
     if p.arm.optimizer == "icl":
