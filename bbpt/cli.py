@@ -220,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-tokens", type=int, default=10, help="m, the number of virtual tokens")
     g.add_argument("--prompt-position", choices=("auto", "prefix", "infix"),
                    help="infix: the prompt follows the input, before the answer cue, so each input is encoded once "
-                   "per study and calls are ~3x cheaper; prefix: the prompt leads (PEFT's placement); auto "
-                   "(default): where the template's {prompt} is, else infix for soft prompts and prefix for text "
-                   "prompts (infix scored higher for both backprop and CMA-ES: README, Black-box tuning)")
+                   "per study and derivative-free calls are ~3x cheaper; prefix: the prompt leads (PEFT's placement, "
+                   "needed by export --format peft); auto (default): where the template's {prompt} is, else infix "
+                   "for soft prompts searched derivative-free and prefix for backprop and text prompts")
     g.add_argument("--init", default="task", help="where P0 starts: task (the task's instruction text), "
                    'labels, vocab (random frequent tokens), zeros, or text:"your words"')
     g.add_argument("--space", choices=SPACES, help="projected: P = P0 + A z "

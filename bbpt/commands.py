@@ -95,7 +95,8 @@ def _saved_task_and_backend(args):
     override = getattr(args, "task", None) or getattr(args, "data", None)
     if override:
         cfg = _config_from_args(args)
-        cfg.template = cfg.template or meta["template"]
+        if not cfg.template:    # the prompt sits where it was tuned (the saved template places it, or it leads)
+            cfg.template, cfg.prompt_position = meta["template"], tuned.prompt_position
         cfg.labels = cfg.labels or meta["label_words"]
     if saved.text is not None:      # a discrete prompt: text, scored by any backend that takes text
         for k in TEXT_BACKEND_KEYS:

@@ -4,14 +4,16 @@ The exported matrix is the one ``Session.finish`` saved: the full prompt P = P0 
 dev. The saved directory is checked against the database before use, because ``runs/<study>`` is keyed by
 name only and another database may have written a study of the same name there.
 
-PEFT's prompt tuning prepends the virtual tokens to the whole input, which is bbpt's default prefix placement;
-a prompt tuned after some text (``{prompt}`` later in the template) has no PEFT equivalent and is refused.
+PEFT's prompt tuning prepends the virtual tokens to the whole input, which is bbpt's prefix placement; a prompt
+tuned after some text (``{prompt}`` later in the template: the infix placement, bbpt's default for soft prompts
+since config version 3) has no PEFT equivalent and is refused. An imported PEFT prompt is always a prefix.
 bbpt's own metadata rides along in the safetensors header, so ``import-peft`` of a bbpt export restores the
 task, template and label words; a foreign adapter needs them from flags.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -133,14 +135,16 @@ def from_peft(src: str | Path, out: str | Path, task_config: StudyConfig | None 
 def _require_prefix(template: str) -> None:
     if "{prompt}" in template and not template.startswith("{prompt}"):
         raise ConfigError(f"the template {template!r} puts the prompt after some text, but PEFT prompt tuning "
-                          "always prepends it to the whole input; use --format bbpt, or a template without "
-                          "{prompt} (a prefix)")
+                          "always prepends it to the whole input; use --format bbpt, or tune it as a prefix "
+                          "(bbpt optimize --prompt-position prefix)")
 
 
 def _foreign_meta(config: dict, prompt: np.ndarray, cfg: StudyConfig) -> dict:
     from bbpt.session import load_task_for
 
-    cfg.model, cfg.prompt_tokens = config["base_model_name_or_path"], int(prompt.shape[0])
+    # PEFT prepends its virtual tokens to the whole input: the import is a prefix whatever bbpt's default is.
+    cfg = dataclasses.replace(cfg, model=config["base_model_name_or_path"], prompt_tokens=int(prompt.shape[0]),
+                              prompt_position="prefix" if cfg.prompt_position is not None else None)
     task = load_task_for(cfg)
     _require_prefix(task.template.source)
     return dict(study=None, model=cfg.model, task=task.name, template=task.template.source,
