@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which prompt is kept when several reach the best dev score: the earliest (default; the rule "
                         "of the committed studies) or the one with the lowest dev loss (finer than a score that moves "
                         "in steps of one dev example)")
+    g.add_argument("--keep-start", action="store_true", default=None,
+                   help="score the starting prompt P0 on dev too, as the first kept prompt: a search that finds "
+                        "nothing better on dev then returns P0 rather than a worse prompt (costs one dev and one "
+                        "train scoring)")
     g.add_argument("--test-curve", action="store_true", default=None,
                    help="after the search, also score test for each prompt that dev selected on the way, so reports "
                         "show test against calls and seconds (what stopping earlier would have given); costs one test "

@@ -79,6 +79,9 @@ class StudyConfig:
     # "bias": each prompt carries C per-class biases fitted on the training scores (free: no model calls)
     calibration: str = "bias"
     eval_every: int | None = None       # in calls; None: a tenth of the budget
+    # P0 competes on dev: its dev score (with its own train-fitted bias) is the first kept one, so a search that
+    # finds nothing better on dev returns the starting prompt rather than a worse one (off: bbpt <= 0.2's rule).
+    keep_start: bool = False
     dev_ties: str = "earliest"          # several prompts at the best dev score: keep the earliest, or lowest dev loss
     test_curve: bool = False            # also score test for every prompt dev selected on the way (reports only)
     max_new_tokens: int = 80            # generation: the longest answer generated for BLEU/ROUGE (E2E's ≈ 30)

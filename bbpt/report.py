@@ -59,9 +59,9 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
     row = storage.require_study(name)
     trials = storage.trials(row.id)
     evals = storage.evaluations(row.id)
-    # Evaluations of trial None are the manual prompt and negative numbers are reference prompts (P0):
-    # neither is a point on the search's curve.
-    dev = sorted((e for e in evals if e.split == "dev" and e.trial_number is not None and e.trial_number >= 0),
+    # Evaluations of trial None are the manual prompt, not a point on the search's curve; P0's dev score
+    # (trial -1, written only with keep_start) is its first point: the prompt kept until a trial beats it.
+    dev = sorted((e for e in evals if e.split == "dev" and e.trial_number is not None),
                  key=lambda e: (e.calls_at, e.id))
     selected = (row.summary or {}).get("selected_trial")
     if selected is None:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 # Per-trial accounting keys a backend may report; the study's summary adds them up.
 # Generation: the scores of a prompt's greedy answers that a summary shows beside its likelihood.
 TEXT_SCORES = ("bleu", "rouge_l", "slot_coverage")
+START = -1      # the trial number of the starting prompt P0 in evaluations (it is no trial of the search)
 SUMMED = ("requests", "cached", "prompt_tokens", "completion_tokens", "missing_labels", "unparsed")
 
 
@@ -215,13 +216,13 @@ class Session:
                     evals.append(dict(trial_number=None, split=split, metrics=_with_bias(m, bias),
                                       tokens=tokens + fit_tokens, note="manual prompt"))
                     fit_tokens = 0
-        if (-1, "train") not in done:   # the untuned starting prompt P0, so users see what tuning bought
+        if (START, "train") not in done:   # the untuned starting prompt P0, so users see what tuning bought
             m, tokens, _, bias = evaluate(self.backend, space.decode(space.initial()[None]), self.train,
                                           self.y_train, self.task.num_classes, fit=cfg.calibration, with_bias=True)
-            evals.append(dict(trial_number=-1, split="train", metrics=_with_bias(m, bias), tokens=tokens,
+            evals.append(dict(trial_number=START, split="train", metrics=_with_bias(m, bias), tokens=tokens,
                               note="initial prompt P0"))
         sel = loop.dev_best_trial
-        z = self.trial_z(sel)
+        z = space.initial() if sel == START else self.trial_z(sel)
         delta = space.decode(z[None])      # ΔP, or the prompt's text
         if self.task.kind == "generation" and (sel, "dev") in done and "bleu" not in self._dev_metrics(sel):
             # The answers of the selected prompt only: generating for every dev check would cost more than
@@ -240,7 +241,7 @@ class Session:
         summary = dict(
             study=self.name, task=self.task.name, model=cfg.model, backend=cfg.backend, optimizer=cfg.optimizer,
             seed=cfg.seed, budget=cfg.budget, calls=loop.calls, tokens=loop.tokens, seconds=round(loop.seconds, 2),
-            metric=self.metric, start_train_loss=by[(-1, "train")]["loss"], best_train_loss=loop.best_loss,
+            metric=self.metric, start_train_loss=by[(START, "train")]["loss"], best_train_loss=loop.best_loss,
             selected_trial=sel,
             baseline_dev=by[(None, "dev")][self.metric], baseline_test=by[(None, "test")][self.metric],
             dev=by[(sel, "dev")][self.metric], test=by[(sel, "test")][self.metric],
@@ -264,15 +265,19 @@ class Session:
         from bbpt.selection import history
 
         sid = self.study_id
-        dev = sorted((e for e in self.storage.evaluations(sid) if e.split == "dev" and e.trial_number is not None
-                      and e.trial_number >= 0), key=lambda e: (e.calls_at, e.id))
+        # P0's own dev score (keep_start) is on the curve: until a trial beats it, it is the study's choice.
+        dev = sorted((e for e in self.storage.evaluations(sid) if e.split == "dev" and e.trial_number is not None),
+                     key=lambda e: (e.calls_at, e.id))
         y_test = np.array([e.label for e in self.task.test])
         for e in history(dev, self.metric, self.config.dev_ties):
             if (e.trial_number, "test") in done:
                 continue
-            trial = self.storage.trial(sid, e.trial_number)
-            m, tokens, _ = evaluate(self.backend, space.decode(self.trial_z(e.trial_number)[None]),
-                                    self._encode_test(), y_test, self.task.num_classes, trial.metrics.get("bias"))
+            if e.trial_number == START:
+                z, bias = space.initial(), e.metrics.get("bias")
+            else:
+                z, bias = self.trial_z(e.trial_number), self.storage.trial(sid, e.trial_number).metrics.get("bias")
+            m, tokens, _ = evaluate(self.backend, space.decode(z[None]), self._encode_test(), y_test,
+                                    self.task.num_classes, bias)
             self.storage.add_evaluations(sid, [dict(
                 trial_number=e.trial_number, split="test", metrics=m, tokens=tokens, calls_at=e.calls_at,
                 seconds_at=e.seconds_at, note="test curve: the prompt dev had selected by then; reporting only")])

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bbpt.scoring import evaluate, score_population
+from bbpt.objective import bias_list
+from bbpt.scoring import evaluate, score_population, train_bias
 from bbpt.selection import improves
-from bbpt.session import Session
+from bbpt.session import START, Session
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ def run(sess: Session, progress: bool = True) -> dict:
         log.info("resuming study %s at call %d/%d", sess.name, loop.calls, cfg.budget)
     best_z = sess.trial_z(loop.best_trial) if loop.best_trial is not None else None
     bar = sess.progress_bar(total=cfg.budget, initial=loop.calls, enabled=progress)
+    # Stored with the first generation, so a kill before it leaves nothing half-written.
+    start_evals = [_start_eval(sess, space, loop)] if cfg.keep_start and ck is None else []
     while loop.calls + per_gen <= cfg.budget and not opt.stop():
         if cfg.max_tokens_total and loop.tokens + loop.eval_tokens + loop.gen_tokens_max > cfg.max_tokens_total:
             loop.stopped = "max_tokens_total"
@@ -89,7 +92,7 @@ def run(sess: Session, progress: bool = True) -> dict:
         loop.tokens += got.tokens
         loop.gen_tokens_max = max(loop.gen_tokens_max, got.tokens)
         loop.seconds += got.seconds
-        evals = []
+        evals, start_evals = start_evals, []
         due = loop.calls // cfg.eval_every > (loop.calls - len(zs)) // cfg.eval_every
         last = loop.calls + per_gen > cfg.budget
         if (due or last) and loop.best_trial not in loop.evaluated:
@@ -103,6 +106,8 @@ def run(sess: Session, progress: bool = True) -> dict:
     bar.close()
     if opt.stop() and not loop.stopped:
         loop.stopped = "optimizer: " + ", ".join(sorted(opt.stop()))
+    if start_evals:             # no generation ran (a budget under one): P0 is then the only candidate
+        store.add_evaluations(sid, start_evals)
     if loop.best_trial is not None and loop.best_trial not in loop.evaluated:  # budget smaller than one step
         store.add_evaluations(sid, [_dev_eval(sess, space, loop, best_z)])
     return sess.finish(space, loop)
@@ -120,3 +125,19 @@ def _dev_eval(sess: Session, space, loop: LoopState, z: np.ndarray) -> dict:
         loop.dev_best_bias = loop.best_bias
     return dict(trial_number=loop.best_trial, split="dev", metrics=m, calls_at=loop.calls,
                 seconds_at=loop.seconds, tokens=tokens)
+
+
+def _start_eval(sess: Session, space, loop: LoopState) -> dict:
+    """``keep_start``: score P0 on dev, with the bias it fits on train, as the first kept prompt."""
+    cfg = sess.config
+    p0 = space.decode(space.initial()[None])
+    bias, fit_tokens = train_bias(sess.backend, p0, sess.train, sess.y_train, cfg.calibration)
+    m, tokens, _ = evaluate(sess.backend, p0, sess.dev, sess.y_dev, sess.task.num_classes, bias)
+    loop.eval_tokens += tokens + fit_tokens
+    loop.dev_best, loop.dev_best_loss, loop.dev_best_trial = m[sess.metric], m["loss"], START
+    loop.dev_last = m[sess.metric]
+    loop.dev_best_bias = None if bias is None else bias_list(bias)
+    if bias is not None:
+        m = {**m, "bias": loop.dev_best_bias}
+    return dict(trial_number=START, split="dev", metrics=m, calls_at=0, seconds_at=0.0,
+                tokens=tokens + fit_tokens, note="starting prompt P0, a candidate of selection (keep_start)")

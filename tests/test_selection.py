@@ -64,3 +64,49 @@ def test_a_test_curve_scores_each_prompt_dev_kept_and_changes_nothing_else(tmp_p
     assert curve.test_scores[-1] == storage.require_study("curve").summary["test"] == curve.test
     x, y = test_curve(curve, "calls")
     assert x[-1] == curve.calls[-1] and list(x[:-1]) == sorted(x[:-1])
+
+
+def test_keep_start_lets_p0_compete_on_dev_and_changes_no_trial(tmp_path, tiny_model_dir):
+    from bbpt.report import gather
+    from study_helpers import trial_rows
+
+    url = f"sqlite:///{tmp_path / 'start.db'}"
+    for name, extra in (("plain", ()), ("start", ("--keep-start", "--test-curve"))):
+        args = optimize_args(tiny_model_dir, url, name, budget=24, runs_dir=tmp_path / "runs",
+                             extra=("--eval-every", "4", *extra))
+        done = cli(args, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    storage = Storage(url)
+    assert [r[1:] for r in trial_rows(url, "plain")] == [r[1:] for r in trial_rows(url, "start")]
+    sid = storage.require_study("start").id
+    dev = {e.trial_number: e for e in storage.evaluations(sid) if e.split == "dev"}
+    p0 = dev.pop(-1)
+    assert p0.calls_at == 0 and "bias" in p0.metrics
+    assert not any(e.trial_number == -1 and e.split == "dev"
+                   for e in storage.evaluations(storage.require_study("plain").id))
+    summary = storage.require_study("start").summary
+    searched = max(e.metrics["accuracy"] for e in dev.values() if e.trial_number is not None)
+    # The rule: P0 is kept unless a trial scores strictly higher on dev (earliest wins ties).
+    sel = summary["selected_trial"]
+    if searched <= p0.metrics["accuracy"]:
+        assert sel == -1
+    else:
+        assert sel != -1 and dev[sel].metrics["accuracy"] == searched
+    assert summary["dev"] == max(searched, p0.metrics["accuracy"]) >= p0.metrics["accuracy"]
+    curve = gather(storage, "start")
+    assert curve.dev_calls[0] == 0 and curve.best_dev[0] == p0.metrics["accuracy"]
+    assert curve.test_scores[-1] == summary["test"]
+
+
+def test_keep_start_returns_p0_when_no_trial_beats_it(tmp_path, tiny_model_dir):
+    # A budget of less than one generation scores no trial: P0 is the only candidate, and what is saved.
+    from bbpt.prompt import SavedPrompt
+
+    url = f"sqlite:///{tmp_path / 'p0.db'}"
+    args = optimize_args(tiny_model_dir, url, "p0", budget=3, runs_dir=tmp_path / "runs", extra=("--keep-start",))
+    done = cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    summary = Storage(url).require_study("p0").summary
+    assert summary["selected_trial"] == -1 and summary["calls"] == 0
+    saved = SavedPrompt.load(tmp_path / "runs" / "p0")
+    assert saved.meta["calibration"] is not None and abs(saved.prompt).sum() > 0
