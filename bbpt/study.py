@@ -12,10 +12,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bbpt.objective import bias_list
 from bbpt.scoring import evaluate, score_population, train_bias
 from bbpt.selection import improves
-from bbpt.session import START, Session
+from bbpt.session import START, Session, _with_bias
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +135,7 @@ def _start_eval(sess: Session, space, loop: LoopState) -> dict:
     loop.eval_tokens += tokens + fit_tokens
     loop.dev_best, loop.dev_best_loss, loop.dev_best_trial = m[sess.metric], m["loss"], START
     loop.dev_last = m[sess.metric]
-    loop.dev_best_bias = None if bias is None else bias_list(bias)
-    if bias is not None:
-        m = {**m, "bias": loop.dev_best_bias}
+    m = _with_bias(m, bias)
+    loop.dev_best_bias = m.get("bias")
     return dict(trial_number=START, split="dev", metrics=m, calls_at=0, seconds_at=0.0,
                 tokens=tokens + fit_tokens, note="starting prompt P0, a candidate of selection (keep_start)")

@@ -190,36 +190,32 @@ def _arms(raw_arms, path: Path, tasks: list[str]) -> list[Arm]:
     return arms
 
 
-def _arm_task_settings(raw, tasks: list[str], allowed: set, where: str) -> dict[str, dict]:
+def _per_task(raw, tasks: list[str], allowed: set, where: str, table: str, example: str) -> dict[str, dict]:
+    """Read ``[<table>.<task>]`` tables (the spec's or an arm's): known tasks, known keys, typed values."""
     if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
-        raise ConfigError(f"{where}: task_settings should be one table per task, e.g.\n"
-                          "[arms.task_settings.yelp]\nbudget = 400")
+        raise ConfigError(f"{where}: {table} should be one table per task, e.g.\n[{table}.{example}]")
     out = {}
-    for task, table in raw.items():
-        here = f"{where} [arms.task_settings.{task}]"
+    for task, values in raw.items():
+        here = f"{where} [{table}.{task}]"
         if task not in tasks:
             raise ConfigError(f"{here}: {task!r} is not in this spec's tasks {tasks}; add it there or remove the table")
-        _check_keys(table, allowed, here)
-        out[task] = {k: _typed(k, v, here) for k, v in table.items()}
+        _check_keys(values, allowed, here)
+        out[task] = {k: _typed(k, v, here) for k, v in values.items()}
     return out
 
 
+def _arm_task_settings(raw, tasks: list[str], allowed: set, where: str) -> dict[str, dict]:
+    return _per_task(raw, tasks, allowed, where, "arms.task_settings", "yelp]\nbudget = 400")
+
+
 def _task_settings(raw, tasks: list[str], arms: list[Arm], path: Path) -> dict[str, dict]:
-    where = f"{path} [task_settings]"
-    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
-        raise ConfigError(f"{where}: should be one table per task, e.g.\n[task_settings.dbpedia]\nshots = 4")
-    out = {}
-    for task, table in raw.items():
-        here = f"{path} [task_settings.{task}]"
-        if task not in tasks:
-            raise ConfigError(f"{here}: {task!r} is not in this spec's tasks {tasks}; add it there or remove the table")
-        _check_keys(table, set(SETTINGS), here)
-        out[task] = {k: _typed(k, v, here) for k, v in table.items()}
+    out = _per_task(raw, tasks, set(SETTINGS), str(path), "task_settings", "dbpedia]\nshots = 4")
+    for task, values in out.items():
         for arm in arms:
-            both = sorted(set(out[task]) & set(arm.settings))
+            both = sorted(set(values) & set(arm.settings))
             if both:
-                raise ConfigError(f"{here}: {both[0]} is also set by arm {arm.name!r}; set it in one place (or "
-                                  "give the task its own arm)")
+                raise ConfigError(f"{path} [task_settings.{task}]: {both[0]} is also set by arm {arm.name!r}; set "
+                                  "it in one place (or give the task its own arm)")
     return out
 
 
