@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapters._base import Backend, CachingBackend, GradientBackend, ModelInfo, ScoreResult
+from adapters._base import Backend, CachingBackend, GradientBackend, ModelInfo, PromptSite, ScoreResult
 
-__all__ = ["BACKENDS", "Backend", "BackendKind", "CachingBackend", "GradientBackend", "ModelInfo", "ScoreResult",
+__all__ = ["BACKENDS", "Backend", "BackendKind", "CachingBackend", "GradientBackend", "ModelInfo", "PromptSite", "ScoreResult",
            "backend_kind", "make_backend"]
 
 
@@ -21,9 +21,13 @@ class BackendKind:
     # vLLM returns no prompt log-probs for prompt embeddings, and a text API's top-k log-probs cannot score a
     # given answer token by token, so both score classification only.
     task_kinds: tuple[str, ...] = ("classification", "generation")
+    # Where a soft prompt may enter. Only a local model runs below its input layer; vLLM takes prompt
+    # embeddings, which reach the input layer alone, and `bbpt serve`'s protocol carries input prompts today.
+    depths: tuple[str, ...] = ("input",)
 
 
-BACKENDS = {"local": BackendKind(True, ("soft", "text")), "api": BackendKind(False, ("soft",)),
+BACKENDS = {"local": BackendKind(True, ("soft", "text"), depths=("input", "deep", "prefix")),
+            "api": BackendKind(False, ("soft",)),
             "vllm": BackendKind(False, ("soft",), ("classification",)),
             "openai": BackendKind(False, ("text",), ("classification",))}
 

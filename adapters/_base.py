@@ -33,6 +33,34 @@ class ModelInfo:
     max_batch: int = 64
     extra: dict = field(default_factory=dict)
     prompt_kinds: tuple[str, ...] = ("soft",)     # "soft" (offsets ΔP) and/or "text" (TextPrompts)
+    depths: tuple[str, ...] = ("input",)          # where a soft prompt may enter (bbpt.prompt.DEPTHS)
+
+
+@dataclass(frozen=True)
+class PromptSite:
+    """Where a soft prompt enters, as the backend resolved it after ``set_init``: what a prompt space must emit
+    per candidate (``shape``) and how large each of its blocks should be (``scales``).
+
+    - input: ``shape`` (m, D), one block, the embeddings' std;
+    - deep: (1 + len(layers), m, D): block 0 joins the input embeddings, block i is added to the hidden states
+      at the prompt's positions before decoder layer ``layers[i-1]``; scales are P0's hidden states' spread there;
+    - prefix: (len(layers), 2, m, kv_width): keys and values of m virtual tokens at each of ``layers``;
+      scales are the spread of P0's own keys and values at each layer.
+    """
+
+    depth: str
+    layers: tuple[int, ...]
+    shape: tuple[int, ...]
+    scales: tuple[float, ...]
+    kv_heads: int = 0           # prefix: key/value heads per layer (kv_width = kv_heads × head size)
+
+    def describe(self) -> dict:
+        """What a study records of its site (the statistics its projection was scaled by)."""
+        out = {"depth": self.depth, "layers": list(self.layers), "shape": list(self.shape),
+               "scales": [round(float(s), 6) for s in self.scales]}
+        if self.depth == "prefix":
+            out["kv_heads"] = self.kv_heads
+        return out
 
 
 @dataclass

@@ -64,7 +64,8 @@ def returned_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
-def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, targets: list | None = None):
+def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, targets: list | None = None,
+                 hidden=None):
     """Run ``seqs`` (each ``[len, D]`` embeddings) after ``past`` (one past row per sequence, or none).
 
     Returns the full-vocabulary log-probs at each sequence's last token, ``[B, V]`` float32 (only that
@@ -74,9 +75,14 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, 
     With ``targets`` (per sequence, the token ids its last ``len(t)`` tokens are), it returns instead each
     sequence's total target log-prob, ``[B, 1]``: teacher-forced, read at the positions that predict the
     target tokens, and only those positions (the last ``max len(t) + 1``) reach the LM head.
+
+    ``hidden`` (a deep prompt: layers, offsets ``[B, layers, m, D]``, and where in each sequence its prompt
+    starts) adds the offsets to the hidden states at those positions before each of those layers.
     """
     import torch
     from transformers import DynamicCache
+
+    from adapters._deep import hidden_offsets
 
     longest = max(s.shape[0] for s in seqs)
     x = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[1])
@@ -91,8 +97,13 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, 
         positions = positions + past.lengths[:, None]
         cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)), config=model.config)
     tail = 1 if targets is None else max(len(t) for t in targets) + 1
-    out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
-                use_cache=keep or cache is not None, logits_to_keep=tail)
+    layers, offsets, cols = (), None, None
+    if hidden is not None:
+        layers, offsets, starts = hidden
+        cols = [longest - s.shape[0] + st for s, st in zip(seqs, starts)]     # left padding moves each row
+    with hidden_offsets(model, layers, offsets, cols):
+        out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
+                    use_cache=keep or cache is not None, logits_to_keep=tail)
     if targets is None:
         logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     else:

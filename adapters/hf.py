@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters._base import ModelInfo, ScoreResult
+from adapters._base import ModelInfo, PromptSite, ScoreResult
+from adapters._deep import decoder_layers, pick_layers, robust_std
 from adapters._kv import KV, forward_last, reuse_works
 from adapters.default_model import resolve_model
 from bbpt.errors import BackendError, ConfigError
@@ -144,11 +145,15 @@ class HFBackend:
         self._kv_kept: OrderedDict = OrderedDict()   # id(batch) -> (weakref to it, bytes), oldest use first
         self.stats = {"forwards": 0, "computed_tokens": 0, "padded_tokens": 0}   # what really ran (benchmarks)
         self.p0 = None
+        self.site: PromptSite | None = None     # where the prompt enters, resolved by set_init
+        self.prefix_base = None                 # prefix: P0's keys and values [L, 2, m, kv_width]
+        self._hidden = None                     # deep: this call's hidden-state offsets [pop, layers, m, D]
         self._info = ModelInfo(
             name=model, hidden_size=int(self.embedding.weight.shape[1]),
             embed_std=float(self.embedding.weight.float().std()), vocab_size=int(self.embedding.weight.shape[0]),
             gradients=True, max_batch=max(1, max_batch_tokens // 64),
-            extra={"device": self.device, "dtype": dtype}, prompt_kinds=("soft", "text"))
+            extra={"device": self.device, "dtype": dtype}, prompt_kinds=("soft", "text"),
+            depths=("input", "deep", "prefix"))
 
     # -- protocol -------------------------------------------------------------------------------------------
     def info(self) -> ModelInfo:
@@ -158,12 +163,18 @@ class HFBackend:
         """Resolve P0 here, where the embedding matrix is."""
         torch = self.torch
         if init is None:
-            self.p0 = None
+            self.p0, self.site = None, None
             return
         weight = self.embedding.weight
         if init.kind == "zeros":
             self.p0 = torch.zeros(init.tokens, weight.shape[1], device=self.device, dtype=self.dtype)
-            return
+        else:
+            self.p0 = weight[torch.as_tensor(self._init_ids(init), device=self.device)].detach().clone()
+        with torch.inference_mode(False), torch.no_grad():
+            self.site = self._resolve_site(init)
+
+    def _init_ids(self, init: PromptInit) -> np.ndarray:
+        weight = self.embedding.weight
         if init.kind == "vocab":
             rng = np.random.default_rng(init.seed)
             ids = rng.choice(min(VOCAB_INIT_RANGE, weight.shape[0]), size=init.tokens, replace=False)
@@ -172,7 +183,37 @@ class HFBackend:
             if not ids:
                 raise ConfigError(f"--init {init.spec()!r} tokenizes to nothing; give some words")
             ids = (ids * (init.tokens // len(ids) + 1))[: init.tokens]
-        self.p0 = weight[torch.as_tensor(np.asarray(ids), device=self.device)].detach().clone()
+        return np.asarray(ids)
+
+    def _resolve_site(self, init: PromptInit) -> PromptSite:
+        """Where the prompt enters, with the statistics a projection is scaled by, read off P0's own forward:
+        a deep prompt's hidden states before each chosen layer, a prefix's keys and values at each layer."""
+        m, width = self.p0.shape
+        if init.depth == "input":
+            return PromptSite("input", (), (m, width), (self._info.embed_std,))
+        if init.depth == "deep":
+            layers = pick_layers(init.layers, len(decoder_layers(self.model)), "deep")
+            states = self.model(inputs_embeds=self.p0[None], output_hidden_states=True).hidden_states
+            # hidden_states[l] is what enters decoder layer l (hidden_states[0]: the embeddings)
+            scales = (self._info.embed_std, *(robust_std(states[l][0]) for l in layers))
+            return PromptSite("deep", layers, (1 + len(layers), m, width), scales)
+        if init.depth != "prefix":
+            raise ConfigError(f"unknown prompt depth {init.depth!r}; use input, deep or prefix")
+        _, kv = forward_last(self.model, [self.p0], keep=True)
+        self._kv_heads, head_dim = int(kv.keys[0].shape[1]), int(kv.keys[0].shape[3])
+        base = self.torch.stack([self.torch.stack([k[0], v[0]]) for k, v in zip(kv.keys, kv.values)])
+        base = base.transpose(2, 3).reshape(len(kv.keys), 2, m, self._kv_heads * head_dim)    # [L, 2, m, W]
+        if init.kind == "zeros":    # the offsets will be the whole prefix (a saved one, say)
+            base = self.torch.zeros_like(base)
+        self.prefix_base = base
+        layers = pick_layers(init.layers, len(kv.keys), "prefix")
+        scales = tuple(robust_std(base[l]) or 1.0 for l in layers)
+        return PromptSite("prefix", layers, (len(layers), 2, m, self._kv_heads * head_dim), scales, self._kv_heads)
+
+    def prompt_site(self) -> PromptSite:
+        if self.site is None:
+            raise ConfigError("no initial prompt set; call set_init first")
+        return self.site
 
     def encode(self, examples: list[Example], template: Template, label_words: list[str]) -> EncodedBatch:
         if not examples:
@@ -214,13 +255,17 @@ class HFBackend:
         torch = self.torch
         with torch.inference_mode():
             if isinstance(deltas, TextPrompts):
+                self._hidden = None
                 lp, tokens = self._text_logprobs(deltas.texts, batch)
                 return self._result(lp, tokens, batch)
             d = None if deltas is None else torch.as_tensor(np.asarray(deltas), device=self.device, dtype=self.dtype)
             prompts = self._prompts(d)
-            lp = self._cached_logprobs(prompts, batch) if self._reuse_ok(prompts) else None
-            if lp is None:
-                lp = self._logprobs_uncached(prompts, batch)
+            if isinstance(prompts, KV):
+                lp = self._prefix_kv_logprobs(prompts, batch)
+            else:
+                lp = self._cached_logprobs(prompts, batch) if self._reuse_ok(prompts) else None
+                if lp is None:
+                    lp = self._logprobs_uncached(prompts, batch)
         return self._result(lp, self._tokens(prompts, batch), batch)
 
     @staticmethod
@@ -241,13 +286,33 @@ class HFBackend:
         """Differentiable ``[pop, n, C]`` label log-probs (generation: ``[pop, n]`` target log-probs) and the
         tokens processed."""
         prompts = self._prompts(deltas.to(device=self.device, dtype=self.dtype))
-        lp = self._logprobs_uncached(prompts, batch)
+        if isinstance(prompts, KV):
+            lp = self._prefix_kv_logprobs(prompts, batch)
+        else:
+            lp = self._logprobs_uncached(prompts, batch)
         return (lp if batch.targets is None else lp[..., 0]), self._tokens(prompts, batch)
 
     def prompt_matrix(self, delta: np.ndarray) -> np.ndarray:
+        """The input-layer prompt P ``[m, D]`` for an offset in the site's shape (a prefix: the P0 its keys and
+        values started from)."""
         if self.p0 is None:
             raise ConfigError("no initial prompt set; call set_init first")
-        return (self.p0.float().cpu().numpy() + np.asarray(delta, dtype=np.float32)).astype(np.float32)
+        p0 = self.p0.float().cpu().numpy()
+        delta = np.asarray(delta, dtype=np.float32)
+        depth = self.prompt_site().depth
+        return p0 if depth == "prefix" else (p0 + (delta[0] if depth == "deep" else delta)).astype(np.float32)
+
+    def prompt_layers(self, delta: np.ndarray) -> dict[str, np.ndarray]:
+        """What a deep or prefix prompt holds below the input layer, as :class:`bbpt.prompt.SavedPrompt` saves it:
+        ``deep`` (offsets at each chosen layer) or ``prefix`` (every layer's keys and values); {} at the input."""
+        site, delta = self.prompt_site(), np.asarray(delta, dtype=np.float32)
+        if site.depth == "deep":
+            return {"deep": delta[1:]}
+        if site.depth == "prefix":
+            full = self.prefix_base.float().cpu().numpy().copy()
+            full[list(site.layers)] += delta
+            return {"prefix": full}
+        return {}
 
     def generate(self, delta: np.ndarray | None, examples: list[Example], template: Template, *,
                  max_new_tokens: int = 64, stop: list[str] | None = None, batch_size: int = 16,
@@ -267,7 +332,8 @@ class HFBackend:
         the end-of-sequence token left out), ``finish`` ("stop" or "length") and ``prompt_tokens``."""
         torch = self.torch
         prompt = None if delta is None else self._prompts(torch.as_tensor(
-            np.asarray(delta)[None], device=self.device, dtype=self.dtype))[0]
+            np.asarray(delta)[None], device=self.device, dtype=self.dtype))
+        prompt = prompt if prompt is None or isinstance(prompt, KV) else prompt[0]    # a prefix stays a KV
         out: list[dict] = []
         with torch.inference_mode():
             for start in range(0, len(examples), batch_size):
@@ -277,18 +343,22 @@ class HFBackend:
 
     def _generate_rows(self, prompt, examples, template, max_new_tokens, stop, use_cache):
         torch = self.torch
-        seqs = []
+        seqs, starts = [], []
+        prefix = prompt.expand(len(examples)) if isinstance(prompt, KV) else None
+        embedded = prompt if prefix is None else None
         for ex in examples:
             b, a = self._render(ex, template)
             pieces = [self.tokenizer(b, add_special_tokens=True)["input_ids"] if b else [],
                       self.tokenizer(a, add_special_tokens=not b)["input_ids"]]
             emb = [self.embedding(torch.tensor(ids, dtype=torch.long, device=self.device)) for ids in pieces]
-            seqs.append(torch.cat([emb[0]] + ([prompt] if prompt is not None else []) + [emb[1]]))
+            seqs.append(torch.cat([emb[0]] + ([embedded] if embedded is not None else []) + [emb[1]]))
+            starts.append(len(pieces[0]))
+        hidden = self._deep_rows([0] * len(seqs), starts)
         eos = self.tokenizer.eos_token_id
         new = [[] for _ in examples]
         done = [False] * len(examples)
         prompt_tokens = [int(s.shape[0]) for s in seqs]
-        lp, kv = self._forward(seqs, keep=use_cache)
+        lp, kv = self._forward(seqs, prefix, keep=use_cache, hidden=hidden)
         for _ in range(max_new_tokens):
             nxt = lp.argmax(-1).tolist()
             for i, t in enumerate(nxt):
@@ -307,29 +377,64 @@ class HFBackend:
                 lp, kv = self._forward(list(step), kv, keep=True)
             else:
                 seqs = [torch.cat([s, e]) for s, e in zip(seqs, step)]
-                lp, _ = self._forward(seqs)
+                lp, _ = self._forward(seqs, prefix, hidden=hidden)
         return [dict(text=_cut(self.tokenizer.decode(ids, skip_special_tokens=True), stop), ids=ids,
                      finish="stop" if d else "length", prompt_tokens=n)
                 for ids, d, n in zip(new, done, prompt_tokens)]
 
     # -- internals ------------------------------------------------------------------------------------------
     def _prompts(self, deltas):
-        """P0 + ΔP as ``[pop, m, D]``, or None for scoring without a prompt."""
+        """P0 + ΔP as ``[pop, m, D]`` (a deep prompt's hidden-state offsets kept aside for this call), a
+        prefix's keys and values as a :class:`KV` of ``pop`` rows, or None for scoring without a prompt."""
+        self._hidden = None
         if deltas is None:
             return None
         if self.p0 is None:
             raise ConfigError("no initial prompt set; call set_init first")
-        if deltas.dim() != 3 or tuple(deltas.shape[1:]) != tuple(self.p0.shape):
-            raise ConfigError(f"prompt offsets have shape {tuple(deltas.shape)}, expected "
-                              f"(pop, {self.p0.shape[0]}, {self.p0.shape[1]})")
+        site = self.prompt_site()
+        if deltas.dim() != len(site.shape) + 1 or tuple(deltas.shape[1:]) != site.shape:
+            raise ConfigError(f"prompt offsets have shape {tuple(deltas.shape)}, expected (pop, "
+                              f"{', '.join(map(str, site.shape))}) for a {site.depth} prompt")
+        if site.depth == "prefix":
+            return self._prefix_kv(deltas)
+        if site.depth == "deep":
+            self._hidden, deltas = deltas[:, 1:], deltas[:, 0]
         return self.p0.unsqueeze(0) + deltas
+
+    def _prefix_kv(self, deltas) -> KV:
+        """Each candidate's keys and values: P0's, plus its offsets at the chosen layers (differentiable)."""
+        torch, site = self.torch, self.site
+        pop, (n_layers, _, m, width) = deltas.shape[0], self.prefix_base.shape
+        offsets = deltas.new_zeros(pop, n_layers, 2, m, width)
+        offsets[:, list(site.layers)] = deltas
+        full = self.prefix_base.unsqueeze(0) + offsets
+        heads = self._kv_heads
+
+        def per_layer(l: int, kind: int):         # [pop, m, W] -> [pop, kv_heads, m, head_dim], the cache's layout
+            return full[:, l, kind].reshape(pop, m, heads, width // heads).transpose(1, 2)
+
+        mask = torch.ones(pop, m, dtype=torch.long, device=self.device)
+        return KV([per_layer(l, 0) for l in range(n_layers)], [per_layer(l, 1) for l in range(n_layers)], mask,
+                  mask.sum(-1))
+
+    def _deep_rows(self, cands: list[int], starts: list[int]):
+        """The ``hidden`` argument of a forward whose rows are these candidates' sequences, each with its
+        prompt at ``starts``; None when this call's prompt has no deep part."""
+        if self._hidden is None:
+            return None
+        idx = self.torch.tensor(cands, device=self.device)
+        return self.site.layers, self._hidden[idx], starts
 
     @staticmethod
     def _tokens(prompts, batch: EncodedBatch) -> int:
         # The tokens of the sequences scored, whichever of them were recomputed: the same count a remote
         # backend bills, so calls compare across backends and placements (``stats`` has what really ran).
-        m = 0 if prompts is None else prompts.shape[1]
-        pop = 1 if prompts is None else prompts.shape[0]
+        # A prefix's m virtual tokens count as the input prompt's m tokens do.
+        if isinstance(prompts, KV):
+            pop, m = prompts.mask.shape
+        else:
+            m = 0 if prompts is None else prompts.shape[1]
+            pop = 1 if prompts is None else prompts.shape[0]
         return sum(len(b) + m + len(a) for b, a in zip(batch.before, batch.after)) * pop
 
     def _example_embeds(self, batch: EncodedBatch):
@@ -343,11 +448,11 @@ class HFBackend:
                     for b, a in zip(batch.before, batch.after)]
         return batch.embeds
 
-    def _forward(self, seqs, past: KV | None = None, keep: bool = False, targets=None):
+    def _forward(self, seqs, past: KV | None = None, keep: bool = False, targets=None, hidden=None):
         self.stats["forwards"] += 1
         self.stats["computed_tokens"] += sum(int(s.shape[0]) for s in seqs)
         self.stats["padded_tokens"] += len(seqs) * max(int(s.shape[0]) for s in seqs)
-        return forward_last(self.model, seqs, past, keep, targets)
+        return forward_last(self.model, seqs, past, keep, targets, hidden)
 
     def _chunks(self, new_lens: list[int], past_lens: list[int] | None = None):
         return plan_chunks(new_lens, self.max_batch_tokens, past_lens)
@@ -360,7 +465,8 @@ class HFBackend:
         embeds = self._example_embeds(batch)
         lengths = [len(b) + m + len(a) for b, a in zip(batch.before, batch.after)]
         return self._batched(len(plist), batch, lambda c, j: lengths[j], lambda c, j: torch.cat(
-            [embeds[j][0]] + ([plist[c]] if plist[c] is not None else []) + [embeds[j][1]]))
+            [embeds[j][0]] + ([plist[c]] if plist[c] is not None else []) + [embeds[j][1]]),
+            start=lambda c, j: len(batch.before[j]))
 
     def _text_logprobs(self, texts, batch: EncodedBatch):
         """Discrete prompts: each (prompt, example) text tokenized whole, as a text API would see it."""
@@ -373,21 +479,27 @@ class HFBackend:
             self.torch.tensor(ids[c][j], dtype=self.torch.long, device=self.device)))
         return lp, sum(len(i) for row in ids for i in row)
 
-    def _batched(self, pop: int, batch: EncodedBatch, length, sequence):
+    def _batched(self, pop: int, batch: EncodedBatch, length, sequence, start=None):
         """Label log-probs ``[pop, n, C]`` of every (candidate, example) sequence, run whole, in chunks of
-        similar length under the token budget."""
+        similar length under the token budget; ``start(c, j)`` is where the prompt begins in a sequence."""
         torch = self.torch
         pairs = sorted(((c, j) for j in range(batch.n) for c in range(pop)), key=lambda p: length(*p))
-        rows = [self._read([sequence(c, j) for c, j in pairs[start:end]], None, batch, pairs[start:end])
-                for start, end in self._chunks([length(c, j) for c, j in pairs])]
+        rows = []
+        for lo, hi in self._chunks([length(c, j) for c, j in pairs]):
+            chunk = pairs[lo:hi]
+            starts = None if start is None else [start(c, j) for c, j in chunk]
+            rows.append(self._read([sequence(c, j) for c, j in chunk], None, batch, chunk, starts))
         return self._scatter(torch.cat(rows), pairs, pop, batch)
 
-    def _read(self, seqs, past, batch: EncodedBatch, pairs):
+    def _read(self, seqs, past, batch: EncodedBatch, pairs, starts=None):
         """What a batch scores, for rows ``pairs`` (candidate, example): the label words' log-probs at the
-        last position ``[B, C]``, or for generation each row's target log-prob ``[B, 1]``."""
+        last position ``[B, C]``, or for generation each row's target log-prob ``[B, 1]``. ``starts``: where
+        each row's prompt begins among its new tokens (for a deep prompt's offsets), None if it has none."""
+        hidden = None if starts is None else self._deep_rows([c for c, _ in pairs], starts)
         if batch.targets is None:
-            return self._forward(seqs, past)[0][:, self.torch.tensor(batch.label_ids, device=self.device)]
-        return self._forward(seqs, past, targets=[batch.targets[j] for _, j in pairs])[0]
+            return self._forward(seqs, past, hidden=hidden)[0][:, self.torch.tensor(batch.label_ids,
+                                                                                    device=self.device)]
+        return self._forward(seqs, past, targets=[batch.targets[j] for _, j in pairs], hidden=hidden)[0]
 
     def _scatter(self, flat, pairs, pop: int, batch: EncodedBatch):
         torch = self.torch
@@ -431,7 +543,7 @@ class HFBackend:
         for g0 in range(0, pop, group):
             cands = range(g0, min(pop, g0 + group))
             _, pkv = self._forward(list(prompts[g0:cands.stop]), head.expand(len(cands)) if head else None,
-                                   keep=True)
+                                   keep=True, hidden=self._deep_rows(list(cands), [0] * len(cands)))
             gpairs = [(c, j) for j in order for c in cands]
             for start, end in self._chunks([after_lens[j] for _, j in gpairs], [pkv.mask.shape[1]] * len(gpairs)):
                 chunk = gpairs[start:end]
@@ -452,8 +564,22 @@ class HFBackend:
             chunk = pairs[start:end]
             past = kv.take(torch.tensor([j for _, j in chunk], device=self.device))
             seqs = [torch.cat([prompts[c], embeds[j][1]]) for c, j in chunk]
-            rows.append(self._read(seqs, past, batch, chunk))
+            rows.append(self._read(seqs, past, batch, chunk, [0] * len(chunk)))
         return self._scatter(torch.cat(rows), pairs, pop, batch)
+
+    def _prefix_kv_logprobs(self, kv: KV, batch: EncodedBatch):
+        """``[pop, n, C]`` for prefix prompts: each example's tokens run after its candidate's keys and values
+        (the same path with and without gradients: there is nothing before the prefix to reuse)."""
+        torch = self.torch
+        embeds = self._example_embeds(batch)
+        lengths = [len(b) + len(a) for b, a in zip(batch.before, batch.after)]
+        pairs = sorted(((c, j) for j in range(batch.n) for c in range(kv.mask.shape[0])), key=lambda p: lengths[p[1]])
+        rows = []
+        for lo, hi in self._chunks([lengths[j] for _, j in pairs], [kv.mask.shape[1]] * len(pairs)):
+            chunk = pairs[lo:hi]
+            past = kv.take(torch.tensor([c for c, _ in chunk], device=self.device))
+            rows.append(self._read([torch.cat([embeds[j][0], embeds[j][1]]) for _, j in chunk], past, batch, chunk))
+        return self._scatter(torch.cat(rows), pairs, kv.mask.shape[0], batch)
 
     def _kept_kv(self, batch: EncodedBatch, embeds) -> KV | None:
         """The batch's keys/values of the text before the prompt: built once, kept within ``kv_cache_mb``."""

@@ -223,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "per study and derivative-free calls are ~3x cheaper; prefix: the prompt leads (PEFT's placement, "
                    "needed by export --format peft); auto (default): where the template's {prompt} is, else infix "
                    "for soft prompts searched derivative-free and prefix for backprop and text prompts")
+    g.add_argument("--depth", choices=("input", "deep", "prefix"), default="input",
+                   help="where the prompt enters: input (joined to the input embeddings: prompt tuning); deep (also "
+                   "an offset on the hidden states at the prompt's positions before each of --layers, as BBTv2); "
+                   "prefix (keys and values of m virtual tokens at each of --layers, as PEFT's prefix tuning, "
+                   "started from P0's own). Local models only")
+    g.add_argument("--layers", default="all", help="which layers a deep or prefix prompt reaches: all, every:K, "
+                   "first:N, last:N, or a list such as 4,8,12")
+    g.add_argument("--schedule", choices=("joint", "layerwise"), default="joint",
+                   help="a deep or prefix prompt searched by cma: one search over every layer (d split over "
+                   "them), or BBTv2's layer-wise turns (one CMA-ES of d per layer; needs popsize x layers calls "
+                   "for one sweep)")
     g.add_argument("--init", default="task", help="where P0 starts: task (the task's instruction text), "
                    'labels, vocab (random frequent tokens), zeros, or text:"your words"')
     g.add_argument("--space", choices=SPACES, help="projected: P = P0 + A z "

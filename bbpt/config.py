@@ -22,6 +22,8 @@ RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every", "price_pe
 SPACES = ("projected", "full", "discrete", "vocab")
 DEV_TIES = ("earliest", "loss")
 CALIBRATIONS = ("none", "bias")
+DEPTHS = ("input", "deep", "prefix")
+SCHEDULES = ("joint", "layerwise")
 
 
 @dataclass
@@ -61,6 +63,14 @@ class StudyConfig:
     # 81.2 %, and hurt it on SST-2, 75.4 %) and for text prompts. Stored resolved.
     prompt_position: str | None = "auto"
     init: str = "task"
+    # where the prompt enters: input embeddings (prompt tuning), deep (an offset on the hidden states at the
+    # prompt's positions before each of --layers, as BBTv2) or prefix (keys/values per layer, as PEFT's prefix
+    # tuning); a deep or prefix prompt searched derivative-free gets one projection per layer
+    depth: str = "input"
+    layers: str = "all"                 # which layers a deep or prefix prompt reaches: all, every:K, first:N, last:N
+    # deep/prefix, projected: one search over all layers' blocks (d split over them), or BBTv2's layer-wise
+    # schedule (one CMA-ES per layer, d each, one generation per layer in turn)
+    schedule: str = "joint"
     space: str | None = None            # None: full for backprop, projected otherwise
     intrinsic_dim: int = 500
     alpha: float = 0.5     # BBT uses 1.0; 0.5 (smaller steps) did better on SST-2 at 300 calls (README)
@@ -119,6 +129,15 @@ class StudyConfig:
             (self.space in ("full", "projected") or self.optimizer != "backprop", "space",
              "full or projected for backprop (a discrete prompt has no gradient)"),
             (self.vocab_size >= 2, "vocab_size", "at least 2 candidate words"),
+            (self.depth in DEPTHS, "depth", " or ".join(DEPTHS)),
+            (self.schedule in SCHEDULES, "schedule", " or ".join(SCHEDULES)),
+            (self.depth == "input" or self.space in ("projected", "full"), "depth",
+             "input for --space discrete or vocab (a text prompt enters as tokens)"),
+            (self.depth != "prefix" or self.prompt_position != "infix", "prompt_position",
+             "prefix (or auto) for --depth prefix: its keys and values come before every token, as PEFT's do"),
+            (self.schedule == "joint" or (self.optimizer == "cma" and self.depth != "input"
+                                          and self.space == "projected"), "schedule",
+             "joint unless --optimizer cma searches a deep or prefix prompt (--depth deep|prefix, projected)"),
             (self.max_new_tokens >= 1, "max_new_tokens", "at least 1 token"),
             (self.top_logprobs is None or self.top_logprobs >= 1, "top_logprobs", "at least 1"),
             (self.price_per_1k is None or (math.isfinite(self.price_per_1k) and self.price_per_1k >= 0),
@@ -134,6 +153,8 @@ class StudyConfig:
         wins), and a prompt the template does not place leads (prefix) unless ``auto`` puts a soft prompt
         searched derivative-free after the input. Old configs' None (as written, else prefix) reads as prefix."""
         pos, placed = self.prompt_position, "{prompt}" in (self.template or "")
+        if pos == "auto" and self.depth == "prefix":
+            return None if placed else "prefix"
         if pos == "auto":
             soft_black_box = self.space == "projected" and self.optimizer != "backprop"
             return None if placed else ("infix" if soft_black_box else "prefix")

@@ -75,20 +75,33 @@ def to_peft(saved: SavedPrompt, out: str | Path) -> Path:
     from adapters.default_model import resolve_model
 
     meta = saved.meta
-    _require_prefix(meta.get("template") or "")
+    if saved.depth == "deep":
+        raise ConfigError("this is a deep prompt (offsets on the hidden states before several layers, as BBTv2), "
+                          "which PEFT has no adapter type for; use --format bbpt (eval, predict and serve load it)")
+    if saved.depth == "input":
+        _require_prefix(meta.get("template") or "")
     if meta.get("prompt_is", "P0 + delta") != "P0 + delta":
         raise ConfigError("this prompt was tuned through a remote backend, so only its offset from P0 was saved "
                           "(P0 stays with the server); PEFT needs the full prompt: use --format bbpt")
     tokens, width = saved.prompt.shape
-    config = dict(
-        peft_type="PROMPT_TUNING", task_type="CAUSAL_LM", num_virtual_tokens=tokens, token_dim=width,
-        num_transformer_submodules=1, num_attention_heads=None, num_layers=None,
-        base_model_name_or_path=resolve_model(meta["model"]), revision=None, inference_mode=True,
-        auto_mapping=None, modules_to_save=None, prompt_tuning_init="RANDOM", prompt_tuning_init_text=None,
-        tokenizer_name_or_path=None, tokenizer_kwargs=None)
+    common = dict(task_type="CAUSAL_LM", num_virtual_tokens=tokens, num_transformer_submodules=1,
+                  base_model_name_or_path=resolve_model(meta["model"]), revision=None, inference_mode=True,
+                  auto_mapping=None, modules_to_save=None)
+    if saved.depth == "prefix":
+        weights, config = _peft_prefix(saved.layers["prefix"]), dict(common, peft_type="PREFIX_TUNING")
+        n_layers, _, _, kv_width = saved.layers["prefix"].shape
+        heads = int(meta["kv_heads"])
+        # PEFT sizes a grouped-query prefix by the key/value heads: token_dim = kv_heads × head_dim
+        config.update(token_dim=kv_width, num_layers=n_layers, num_attention_heads=heads,
+                      encoder_hidden_size=width, prefix_projection=False)
+    else:
+        weights = saved.prompt
+        config = dict(common, peft_type="PROMPT_TUNING", token_dim=width, num_attention_heads=None, num_layers=None,
+                      prompt_tuning_init="RANDOM", prompt_tuning_init_text=None, tokenizer_name_or_path=None,
+                      tokenizer_kwargs=None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({PEFT_KEY: np.ascontiguousarray(saved.prompt, dtype=np.float32)}, str(out / PEFT_WEIGHTS),
+    save_file({PEFT_KEY: np.ascontiguousarray(weights, dtype=np.float32)}, str(out / PEFT_WEIGHTS),
               metadata={"format": "pt", META_KEY: json.dumps(meta)})
     (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if saved.bias is not None:
@@ -117,19 +130,45 @@ def from_peft(src: str | Path, out: str | Path, task_config: StudyConfig | None 
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"{str(src)!r} is not a PEFT prompt-tuning adapter ({e}); it needs {PEFT_CONFIG} and "
                           f"{PEFT_WEIGHTS} with the key {PEFT_KEY!r}") from None
-    if config.get("peft_type") != "PROMPT_TUNING" or config.get("num_transformer_submodules", 1) != 1:
-        raise ConfigError(f"{str(src)!r} holds a {config.get('peft_type')} adapter with "
+    kind = config.get("peft_type")
+    if kind not in ("PROMPT_TUNING", "PREFIX_TUNING") or config.get("num_transformer_submodules", 1) != 1:
+        raise ConfigError(f"{str(src)!r} holds a {kind} adapter with "
                           f"{config.get('num_transformer_submodules')} submodule(s); bbpt imports prompt tuning "
-                          "of decoder-only models (PROMPT_TUNING, one submodule) only")
+                          "and prefix tuning of decoder-only models (PROMPT_TUNING or PREFIX_TUNING, one "
+                          "submodule) only")
+    layers = None
+    if kind == "PREFIX_TUNING":
+        if config.get("prefix_projection"):
+            raise ConfigError(f"{str(src)!r} is a prefix with a projection MLP (prefix_projection=true), whose "
+                              "keys and values PEFT computes at load time; export it from PEFT in inference mode")
+        layers = {"prefix": _bbpt_prefix(prompt, int(config["num_layers"]))}
     if META_KEY in header:
         meta = json.loads(header[META_KEY])
     elif task_config is None:
         raise ConfigError(f"{str(src)!r} was not exported by bbpt, so it does not say what it classifies; pass "
                           "--task NAME, or --data with --template and --labels")
     else:
+        if layers is not None:      # a prefix has no input-layer prompt: P0 is recorded as zeros
+            prompt = np.zeros((prompt.shape[0], int(config.get("encoder_hidden_size") or config["token_dim"])),
+                              np.float32)
         meta = _foreign_meta(config, prompt, task_config)
+        if layers is not None:
+            meta.update(depth="prefix", layers=list(range(int(config["num_layers"]))),
+                        kv_heads=int(config["num_attention_heads"]))
     meta["imported_from"] = str(src)
-    return SavedPrompt(prompt, meta).save(out)
+    return SavedPrompt(prompt, meta, layers=layers).save(out)
+
+
+def _peft_prefix(prefix: np.ndarray) -> np.ndarray:
+    """bbpt's prefix ``[L, 2, m, W]`` as PEFT's PREFIX_TUNING embedding ``[m, L·2·W]``: PEFT views a row as
+    ``[L·2, heads, head_dim]`` with layer l's keys at 2l and its values at 2l + 1."""
+    n_layers, two, m, width = prefix.shape
+    return prefix.transpose(2, 0, 1, 3).reshape(m, n_layers * two * width)
+
+
+def _bbpt_prefix(weights: np.ndarray, n_layers: int) -> np.ndarray:
+    m = weights.shape[0]
+    return weights.reshape(m, n_layers, 2, -1).transpose(1, 2, 0, 3).copy()
 
 
 def _require_prefix(template: str) -> None:

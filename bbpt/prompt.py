@@ -23,6 +23,9 @@ import numpy as np
 from bbpt.errors import ConfigError
 
 INIT_KINDS = ("vocab", "text", "labels", "zeros")
+# Where the prompt enters the model: the input embeddings (prompt tuning); the hidden states at the prompt's
+# positions before chosen layers (BBTv2's deep prompt); or keys and values at chosen layers (prefix tuning).
+DEPTHS = ("input", "deep", "prefix")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class PromptInit:
     tokens: int
     seed: int = 0
     text: str = ""
+    depth: str = "input"        # one of DEPTHS; the backend resolves ``layers`` against the model's depth
+    layers: str = "all"         # which layers a deep or prefix prompt reaches (:func:`adapters._deep.pick_layers`)
 
     @classmethod
     def parse(cls, spec: str, tokens: int, seed: int = 0) -> "PromptInit":
@@ -91,16 +96,19 @@ class PromptSpace(Protocol):
 
 @dataclass
 class FullSpace:
+    """z is ΔP itself, in whatever shape the prompt's site takes (``[m, D]`` at the input; per layer deeper)."""
+
     tokens: int
     width: int
+    site_shape: tuple[int, ...] | None = None     # None: the input layer's (tokens, width)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.tokens, self.width)
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.site_shape) if self.site_shape else (self.tokens, self.width)
 
     @property
     def dim(self) -> int:
-        return self.tokens * self.width
+        return int(np.prod(self.shape))
 
     def initial(self) -> np.ndarray:
         return np.zeros(self.dim)
@@ -142,10 +150,70 @@ class ProjectedSpace:
         return (z.reshape(-1, self.dim).to(self._A_torch.dtype) @ self._A_torch.T).reshape(-1, *self.shape)
 
 
+class LayeredSpace:
+    """A prompt in blocks, one per place it enters (a layer's hidden states, or a layer's keys and values):
+    z is the blocks' own vectors one after another, and block b is ΔP_b = reshape(A_b z_b), each A_b drawn
+    from the seed as :class:`ProjectedSpace` draws A, with std = α·scale_b/(√d_b·σ0). ``scale_b`` is the
+    spread of what block b is added to (the backend measures it: :class:`adapters.PromptSite`), so a σ0-sized
+    step moves every layer's prompt by about α of that layer's own spread, as BBTv2 scales its projections.
+    ``blocks`` says which coordinates of z each block owns (a layer-wise optimizer searches one at a time).
+    """
+
+    def __init__(self, site_shape: tuple[int, ...], scales, dims: list[int], *, seed: int, sigma0: float = 1.0,
+                 alpha: float = 1.0):
+        if len(scales) != site_shape[0] or len(dims) != site_shape[0]:
+            raise ConfigError(f"a layered prompt of {site_shape[0]} blocks needs one scale and one d per block, "
+                              f"got {len(scales)} and {len(dims)}")
+        if min(dims) < 1:
+            raise ConfigError(f"every block needs at least 1 dimension of z, got {dims}")
+        self.shape = tuple(site_shape)
+        self.dims = [int(d) for d in dims]
+        self.dim = sum(self.dims)
+        starts = np.cumsum([0] + self.dims)
+        self.blocks = [(int(a), int(b)) for a, b in zip(starts[:-1], starts[1:])]
+        size = int(np.prod(self.shape[1:]))
+        rng = np.random.default_rng(seed)
+        self.stds = [alpha * float(sc) / (math.sqrt(d) * sigma0) for sc, d in zip(scales, self.dims)]
+        self.A = [(rng.standard_normal((size, d), dtype=np.float32) * std).astype(np.float32)
+                  for d, std in zip(self.dims, self.stds)]
+        self._A_torch = None
+
+    def initial(self) -> np.ndarray:
+        return np.zeros(self.dim)
+
+    def decode(self, zs: np.ndarray) -> np.ndarray:
+        zs = np.atleast_2d(np.asarray(zs, dtype=np.float32))
+        parts = [zs[:, a:b] @ A.T for (a, b), A in zip(self.blocks, self.A)]
+        return np.stack(parts, axis=1).reshape(-1, *self.shape)
+
+    def decode_torch(self, z):
+        import torch
+
+        if self._A_torch is None or self._A_torch[0].device != z.device:
+            self._A_torch = [torch.from_numpy(A).to(z.device) for A in self.A]
+        z = z.reshape(-1, self.dim).to(self._A_torch[0].dtype)
+        parts = [z[:, a:b] @ A.T for (a, b), A in zip(self.blocks, self._A_torch)]
+        return torch.stack(parts, dim=1).reshape(-1, *self.shape)
+
+
 def make_space(kind: str, *, tokens: int, width: int, intrinsic_dim: int, seed: int, embed_std: float,
-               sigma0: float, alpha: float = 1.0) -> PromptSpace:
+               sigma0: float, alpha: float = 1.0, site=None, per_block_dim: bool = False) -> PromptSpace:
+    """The search space for a soft prompt. ``site`` (an :class:`adapters.PromptSite`, None at the input
+    layer) gives a deep or prefix prompt's shape and per-block scales; its projected space splits d over the
+    blocks (``per_block_dim``: d for every block, as BBTv2's layer-by-layer search has)."""
     if kind == "full":
-        return FullSpace(tokens, width)
+        return FullSpace(tokens, width, None if site is None or site.depth == "input" else site.shape)
+    if kind == "projected" and site is not None and site.depth != "input":
+        blocks = site.shape[0]
+        if per_block_dim:
+            dims = [intrinsic_dim] * blocks
+        else:
+            if intrinsic_dim < blocks:
+                raise ConfigError(f"--intrinsic-dim {intrinsic_dim} is below the {blocks} blocks of this "
+                                  f"{site.depth} prompt (one dimension of z each at least); raise it to "
+                                  f"{blocks} or more, or pick fewer --layers")
+            dims = [intrinsic_dim // blocks + (1 if b < intrinsic_dim % blocks else 0) for b in range(blocks)]
+        return LayeredSpace(site.shape, site.scales, dims, seed=seed, sigma0=sigma0, alpha=alpha)
     if kind == "projected":
         return ProjectedSpace(tokens, width, intrinsic_dim, seed=seed, embed_std=embed_std, sigma0=sigma0,
                               alpha=alpha)
@@ -156,11 +224,30 @@ def make_space(kind: str, *, tokens: int, width: int, intrinsic_dim: int, seed: 
 @dataclass
 class SavedPrompt:
     """A tuned prompt on disk: ``prompt.json`` with either ``prompt.safetensors`` (key ``prompt``: P, m × D; a
-    soft prompt) or ``prompt.txt`` (a discrete prompt, plain text to paste into any API)."""
+    soft prompt) or ``prompt.txt`` (a discrete prompt, plain text to paste into any API).
+
+    A deep prompt adds key ``deep`` (``[layers, m, D]``, the offsets added to the hidden states at the
+    prompt's positions before each of ``meta["layers"]``); a prefix adds ``prefix`` (``[L, 2, m, kv_width]``,
+    every layer's keys and values; ``prompt`` is then the P0 they were started from).
+    """
 
     prompt: np.ndarray | None
     meta: dict
     text: str | None = None
+    layers: dict[str, np.ndarray] | None = None       # "deep" or "prefix" tensors, as above
+
+    @property
+    def depth(self) -> str:
+        return self.meta.get("depth", "input")
+
+    def site_delta(self) -> np.ndarray:
+        """The whole prompt as an offset from a zero P0, in its site's shape: what a backend told
+        ``set_init(PromptInit("zeros", m, depth=..., layers=...))`` scores as this prompt."""
+        if self.depth == "deep":
+            return np.concatenate([self.prompt[None], self.layers["deep"]])
+        if self.depth == "prefix":
+            return self.layers["prefix"]
+        return self.prompt
 
     def save(self, directory: str | Path) -> Path:
         from safetensors.numpy import save_file
@@ -168,7 +255,9 @@ class SavedPrompt:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         if self.prompt is not None:
-            save_file({"prompt": np.ascontiguousarray(self.prompt, dtype=np.float32)}, str(d / "prompt.safetensors"))
+            tensors = {"prompt": self.prompt, **(self.layers or {})}
+            save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+                      str(d / "prompt.safetensors"))
         if self.text is not None:
             (d / "prompt.txt").write_text(self.text + "\n")
         (d / "prompt.json").write_text(json.dumps(self.meta, indent=2, default=_jsonable) + "\n")
@@ -195,9 +284,11 @@ class SavedPrompt:
         if not (soft.exists() or text.exists()) or not (d / "prompt.json").exists():
             raise ConfigError(f"{str(d)!r} is not a saved prompt (needs prompt.json and prompt.safetensors or "
                               "prompt.txt); pass the directory that `bbpt optimize` printed")
-        return cls(prompt=load_file(str(soft))["prompt"] if soft.exists() else None,
-                   meta=json.loads((d / "prompt.json").read_text()),
-                   text=text.read_text().removesuffix("\n") if text.exists() and not soft.exists() else None)
+        tensors = load_file(str(soft)) if soft.exists() else {}
+        prompt = tensors.pop("prompt", None)
+        return cls(prompt=prompt, meta=json.loads((d / "prompt.json").read_text()),
+                   text=text.read_text().removesuffix("\n") if text.exists() and not soft.exists() else None,
+                   layers=tensors or None)
 
 
 def _jsonable(o):

@@ -7,6 +7,7 @@ selected on dev, test scored once, the prompt saved.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import uuid
@@ -40,8 +41,22 @@ def resolve_init(cfg: StudyConfig, task: Task) -> PromptInit:
     if spec == "task":
         spec = f"text:{task.init_text}" if task.init_text else "labels"
     if spec == "labels":
-        return PromptInit("labels", cfg.prompt_tokens, cfg.seed, " ".join(w.strip() for w in task.label_words))
-    return PromptInit.parse(spec, cfg.prompt_tokens, cfg.seed)
+        init = PromptInit("labels", cfg.prompt_tokens, cfg.seed, " ".join(w.strip() for w in task.label_words))
+    else:
+        init = PromptInit.parse(spec, cfg.prompt_tokens, cfg.seed)
+    return dataclasses.replace(init, depth=cfg.depth, layers=cfg.layers)
+
+
+def check_schedule(cfg: StudyConfig, site) -> None:
+    """BBTv2's layer-wise schedule gives every layer's CMA-ES one generation in turn: a budget below one sweep
+    would leave layers untouched, so it is refused with the number that one sweep takes."""
+    if cfg.schedule != "layerwise":
+        return
+    sweep = cfg.popsize * site.shape[0]
+    if cfg.budget < sweep:
+        raise ConfigError(f"--schedule layerwise searches {site.shape[0]} blocks one generation of {cfg.popsize} "
+                          f"at a time, so one sweep takes {sweep} calls and --budget {cfg.budget} is below it; "
+                          f"raise --budget to {sweep} or more, pick fewer --layers, or use --schedule joint")
 
 
 def load_task_for(cfg: StudyConfig) -> Task:
@@ -60,12 +75,17 @@ def open_backend(cfg: StudyConfig, api_key: str | None = None):
                         top_logprobs=cfg.top_logprobs)
 
 
-def check_capabilities(cfg: StudyConfig, gradients: bool, prompt_kinds: tuple[str, ...], backend: str) -> None:
+def check_capabilities(cfg: StudyConfig, gradients: bool, prompt_kinds: tuple[str, ...], backend: str,
+                       depths: tuple[str, ...] = ("input",)) -> None:
     """The settings against what a backend can do: backprop needs gradients, a space needs the kind of prompt it
     makes. Checked on ``--backend`` alone before a backend is opened (no model loaded, no server asked), and
     again on what the opened backend reports."""
     from bbpt.discrete import TEXT_SPACES
 
+    if cfg.depth not in depths:
+        raise ConfigError(f"{backend} places soft prompts at the {' and '.join(depths)} layer only, and --depth "
+                          f"{cfg.depth} needs its hidden states or keys/values; use --backend local for a "
+                          "deep or prefix prompt, or --depth input")
     if cfg.optimizer == "backprop" and not gradients:
         raise ConfigError(f"--optimizer backprop needs local weights, but {backend} only returns scores; use a "
                           "derivative-free optimizer (cma, nevergrad:NGOpt) or --backend local")
@@ -82,7 +102,7 @@ def check_flags(cfg: StudyConfig) -> None:
     from adapters import backend_kind
 
     kind = backend_kind(cfg.backend)
-    check_capabilities(cfg, kind.gradients, kind.prompt_kinds, f"--backend {cfg.backend}")
+    check_capabilities(cfg, kind.gradients, kind.prompt_kinds, f"--backend {cfg.backend}", kind.depths)
     check_available(cfg.optimizer)
 
 
@@ -104,15 +124,17 @@ def check_task(cfg: StudyConfig, task: Task) -> None:
                           "--space projected (derivative-free) or full (backprop)")
 
 
-def make_prompt_space(cfg: StudyConfig, task: Task, init: PromptInit, info):
-    """The search space: soft (offsets ΔP for the backend's P0) or discrete (text); the backend's kinds are
-    checked first (:func:`check_capabilities`)."""
+def make_prompt_space(cfg: StudyConfig, task: Task, init: PromptInit, info, site=None):
+    """The search space: soft (offsets ΔP for the backend's P0, in the shape of the prompt's ``site`` when it
+    enters below the input layer) or discrete (text); the backend's kinds are checked first
+    (:func:`check_capabilities`)."""
     from bbpt.discrete import TEXT_SPACES, make_text_space
 
     if cfg.space in TEXT_SPACES:
         return make_text_space(cfg, task, init)
     return make_space(cfg.space, tokens=cfg.prompt_tokens, width=info.hidden_size, intrinsic_dim=cfg.intrinsic_dim,
-                      seed=cfg.seed, embed_std=info.embed_std, sigma0=cfg.sigma0, alpha=cfg.alpha)
+                      seed=cfg.seed, embed_std=info.embed_std, sigma0=cfg.sigma0, alpha=cfg.alpha, site=site,
+                      per_block_dim=cfg.schedule == "layerwise")
 
 
 def calibration_meta(bias) -> dict | None:
@@ -154,10 +176,12 @@ class Session:
         self.backend = backend if backend is not None else open_backend(cfg, api_key)
         self.info = self.backend.info()
         check_capabilities(cfg, self.info.gradients, self.info.prompt_kinds,
-                           f"backend {cfg.backend!r} ({self.info.name})")
+                           f"backend {cfg.backend!r} ({self.info.name})", self.info.depths)
         self.init = resolve_init(cfg, self.task)
-        self.space = make_prompt_space(cfg, self.task, self.init, self.info)
         self.backend.set_init(self.init)
+        self.site = self.backend.prompt_site() if cfg.depth != "input" else None
+        check_schedule(cfg, self.site)
+        self.space = make_prompt_space(cfg, self.task, self.init, self.info, self.site)
         encode = lambda split: self.backend.encode(self.task.split(split), self.task.template, self.task.label_words)
         self.train, self.dev = encode("train"), encode("dev")
         self.y_train = np.array([e.label for e in self.task.train])
@@ -167,7 +191,8 @@ class Session:
         self.optimizer = make_optimizer(cfg.optimizer, OptimizerSettings(
             dim=self.space.dim, x0=self.space.initial(), seed=cfg.seed, budget=cfg.budget, popsize=cfg.popsize,
             sigma0=cfg.sigma0, lr=cfg.lr, diagonal=cfg.diagonal, bound=cfg.bound, labels=self.y_train,
-            calibration=cfg.calibration))
+            calibration=cfg.calibration, blocks=getattr(self.space, "blocks", None) if cfg.schedule == "layerwise"
+            else None))
         if existing is None:
             existing = storage.create_study(self.name, cfg.to_dict(), bbpt_version=bbpt.__version__, model=cfg.model)
         else:   # a resume may change what does not affect results (a larger budget): store what now applies
@@ -330,7 +355,11 @@ class Session:
             alpha=cfg.alpha, embedding="input embeddings, joined where the template's {prompt} is (prefix if absent)",
             z=z.tolist() if cfg.space == "projected" else None, dev=dev, test=test, config=cfg.to_dict(),
             calibration=calibration_meta(bias), kind=self.task.kind, stop=self.task.meta.get("stop"))
-        return SavedPrompt(np.asarray(matrix, np.float32), meta).save(self.runs_dir / self.name)
+        layers = None
+        if self.site is not None:       # deep or prefix: what enters below the input layer, and where
+            meta.update(self.site.describe())
+            layers = self.backend.prompt_layers(delta)
+        return SavedPrompt(np.asarray(matrix, np.float32), meta, layers=layers).save(self.runs_dir / self.name)
 
     def _save_text_prompt(self, space, z, prompt: TextPrompts, dev, test, bias) -> Path:
         cfg = self.config

@@ -33,6 +33,10 @@ def check_available(spec: str) -> None:
 
 def make_optimizer(spec: str, settings: OptimizerSettings) -> Optimizer:
     validate_spec(spec)
+    if spec == "cma" and settings.blocks:
+        from bbpt.optimizers.layerwise import LayerwiseCMAES
+
+        return LayerwiseCMAES(settings)
     if spec == "cma":
         from bbpt.optimizers.cma_es import CMAES
 

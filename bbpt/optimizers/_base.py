@@ -29,6 +29,7 @@ class OptimizerSettings:
     bound: float = 0.0          # CMA-ES: box bound on each z_i (0 = none)
     labels: np.ndarray | None = None    # the training labels (optimizers that model the scores: gn)
     calibration: str = "none"           # how the loss treats the scores: "bias" fits a label bias first
+    blocks: list[tuple[int, int]] | None = None     # z's blocks (start, end): set, CMA-ES searches them in turn
 
 
 @runtime_checkable

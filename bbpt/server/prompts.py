@@ -48,9 +48,10 @@ def entry_from_saved(name: str, saved: SavedPrompt) -> BankEntry:
         if kind == "labels":
             text = " ".join(w.strip() for w in meta["label_words"])
         init = PromptInit(kind, m, int(meta.get("config", {}).get("seed", 0)), text)
-    else:
-        init = PromptInit("zeros", m)      # the saved matrix is P itself
-    return BankEntry(name=name, init=init, delta=np.asarray(saved.prompt, np.float32)[None],
+    else:   # the saved tensors are the prompt itself (deep: at the layers it was tuned at; prefix: every layer)
+        layers = ",".join(map(str, meta["layers"])) if saved.depth == "deep" else "all"
+        init = PromptInit("zeros", m, depth=saved.depth, layers=layers)
+    return BankEntry(name=name, init=init, delta=np.asarray(saved.site_delta(), np.float32)[None],
                      template=Template(meta["template"]), label_words=tuple(meta["label_words"]),
                      label_names=tuple(meta.get("label_names") or meta["label_words"]), task=str(meta.get("task")),
                      bias=None if saved.bias is None else tuple(saved.bias.tolist()),
