@@ -21,13 +21,13 @@ class BackendKind:
     # vLLM returns no prompt log-probs for prompt embeddings, and a text API's top-k log-probs cannot score a
     # given answer token by token, so both score classification only.
     task_kinds: tuple[str, ...] = ("classification", "generation")
-    # Where a soft prompt may enter. Only a local model runs below its input layer; vLLM takes prompt
-    # embeddings, which reach the input layer alone, and `bbpt serve`'s protocol carries input prompts today.
+    # Where a soft prompt may enter. A local model (and `bbpt serve`, which runs one and builds the layer
+    # prompts itself) runs below its input layer; vLLM takes prompt embeddings, which reach the input layer alone.
     depths: tuple[str, ...] = ("input",)
 
 
 BACKENDS = {"local": BackendKind(True, ("soft", "text"), depths=("input", "deep", "prefix")),
-            "api": BackendKind(False, ("soft",)),
+            "api": BackendKind(False, ("soft",), depths=("input", "deep", "prefix")),   # the server says which
             "vllm": BackendKind(False, ("soft",), ("classification",)),
             "openai": BackendKind(False, ("text",), ("classification",))}
 

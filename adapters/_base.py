@@ -57,7 +57,7 @@ class PromptSite:
     def describe(self) -> dict:
         """What a study records of its site (the statistics its projection was scaled by)."""
         out = {"depth": self.depth, "layers": list(self.layers), "shape": list(self.shape),
-               "scales": [round(float(s), 6) for s in self.scales]}
+               "scales": [float(s) for s in self.scales]}
         if self.depth == "prefix":
             out["kv_heads"] = self.kv_heads
         return out

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters._base import ModelInfo, ScoreResult
+from adapters._base import ModelInfo, PromptSite, ScoreResult
 from adapters.http_client import HttpClient, root_url, served_model
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit
-from bbpt.wire import WIRE_DTYPES, read_score_response, score_request
+from bbpt.wire import WIRE_DTYPES, init_spec, read_score_response, score_request
 from bbpt.tasks import Example, Template
 
 
@@ -52,8 +52,10 @@ class ApiBackend:
         self._info = ModelInfo(name=card["id"], hidden_size=int(card["hidden_size"]), embed_std=float(card["embed_std"]),
                                vocab_size=int(card["vocab_size"]), gradients=False,
                                max_batch=int(self.limits.get("max_candidates", 64)),
-                               extra={"endpoint": self.http.base_url, "limits": self.limits})
+                               extra={"endpoint": self.http.base_url, "limits": self.limits},
+                               depths=tuple(card.get("depths") or ("input",)))   # a server before deep prompts: input
         self.init: PromptInit | None = None
+        self._site: PromptSite | None = None
 
     def info(self) -> ModelInfo:
         return self._info
@@ -62,7 +64,18 @@ class ApiBackend:
         most = self.limits.get("max_prompt_tokens")
         if init is not None and most is not None and init.tokens > most:
             raise ConfigError(f"--prompt-tokens {init.tokens} is above the server's limit of {most}")
-        self.init = init
+        self.init, self._site = init, None
+
+    def prompt_site(self) -> PromptSite:
+        """Where the prompt enters, as the server resolved it (shapes and the statistics its projection is
+        scaled by: the client never sees the hidden states or keys/values themselves)."""
+        if self.init is None:
+            raise ConfigError("no initial prompt set; call set_init first")
+        if self._site is None:
+            body = self.http.post_many("/v1/site", [dict(model=self._info.name, init=init_spec(self.init))])[0].body
+            self._site = PromptSite(body["depth"], tuple(body["layers"]), tuple(body["shape"]),
+                                    tuple(body["scales"]), int(body.get("kv_heads", 0)))
+        return self._site
 
     def encode(self, examples: list[Example], template: Template, label_words: list[str]) -> ApiBatch:
         if not examples:

@@ -245,8 +245,8 @@ class SavedPrompt:
         ``set_init(PromptInit("zeros", m, depth=..., layers=...))`` scores as this prompt."""
         if self.depth == "deep":
             return np.concatenate([self.prompt[None], self.layers["deep"]])
-        if self.depth == "prefix":
-            return self.layers["prefix"]
+        if self.depth == "prefix":      # every layer's keys/values, or (tuned remotely) offsets from P0's
+            return self.layers["prefix"] if "prefix" in self.layers else self.layers["prefix_offsets"]
         return self.prompt
 
     def save(self, directory: str | Path) -> Path:

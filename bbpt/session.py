@@ -84,8 +84,8 @@ def check_capabilities(cfg: StudyConfig, gradients: bool, prompt_kinds: tuple[st
 
     if cfg.depth not in depths:
         raise ConfigError(f"{backend} places soft prompts at the {' and '.join(depths)} layer only, and --depth "
-                          f"{cfg.depth} needs its hidden states or keys/values; use --backend local for a "
-                          "deep or prefix prompt, or --depth input")
+                          f"{cfg.depth} needs its hidden states or keys/values; use --backend local or api (a "
+                          "bbpt serve, which builds the layer prompts) for a deep or prefix prompt, or --depth input")
     if cfg.optimizer == "backprop" and not gradients:
         raise ConfigError(f"--optimizer backprop needs local weights, but {backend} only returns scores; use a "
                           "derivative-free optimizer (cma, nevergrad:NGOpt) or --backend local")
@@ -345,7 +345,7 @@ class Session:
         if isinstance(delta, TextPrompts):
             return self._save_text_prompt(space, z, delta, dev, test, bias)
         delta = delta[0]
-        matrix = self.backend.prompt_matrix(delta) if hasattr(self.backend, "prompt_matrix") else delta
+        matrix, layers = self._prompt_tensors(delta)
         meta = dict(
             bbpt_version=bbpt.__version__, study=self.name, model=cfg.model, task=self.task.name,
             template=self.task.template.source, label_words=self.task.label_words,
@@ -355,11 +355,22 @@ class Session:
             alpha=cfg.alpha, embedding="input embeddings, joined where the template's {prompt} is (prefix if absent)",
             z=z.tolist() if cfg.space == "projected" else None, dev=dev, test=test, config=cfg.to_dict(),
             calibration=calibration_meta(bias), kind=self.task.kind, stop=self.task.meta.get("stop"))
-        layers = None
         if self.site is not None:       # deep or prefix: what enters below the input layer, and where
             meta.update(self.site.describe())
-            layers = self.backend.prompt_layers(delta)
         return SavedPrompt(np.asarray(matrix, np.float32), meta, layers=layers).save(self.runs_dir / self.name)
+
+    def _prompt_tensors(self, delta):
+        """The input-layer matrix to save and, for a deep or prefix prompt, its tensors below the input layer. A
+        local backend gives the whole prompt; a remote one's client holds only offsets from the server's P0
+        (``prompt_is`` says which), saved as they are: deep offsets, or a prefix's ``prefix_offsets``."""
+        if hasattr(self.backend, "prompt_matrix"):
+            return (self.backend.prompt_matrix(delta),
+                    self.backend.prompt_layers(delta) if self.site is not None else None)
+        if self.site is None:
+            return delta, None
+        if self.site.depth == "deep":
+            return delta[0], {"deep": delta[1:]}
+        return np.zeros((self.config.prompt_tokens, self.info.hidden_size), np.float32), {"prefix_offsets": delta}
 
     def _save_text_prompt(self, space, z, prompt: TextPrompts, dev, test, bias) -> Path:
         cfg = self.config

@@ -108,6 +108,15 @@ def decode_embeds(data: str, *, width: int, max_bytes: int, max_tokens: int, fie
     return t.float()
 
 
+def init_spec(init) -> dict:
+    """How P0 is built, as the wire carries it; a deep or prefix prompt also says where it enters (left out at
+    the input layer, so requests stay what servers before deep prompts accept)."""
+    spec = dict(kind=init.kind, tokens=init.tokens, seed=init.seed, text=init.text)
+    if init.depth != "input":
+        spec.update(depth=init.depth, layers=init.layers)
+    return spec
+
+
 def score_request(model: str | None, examples: list[dict], template: str, label_words: list[str], *, init=None,
                   deltas: np.ndarray | None = None, dtype: str = "float32") -> dict:
     """The body of ``POST /v1/score`` (the server validates it as :class:`bbpt.server.protocol.ScoreRequest`).
@@ -118,7 +127,7 @@ def score_request(model: str | None, examples: list[dict], template: str, label_
     """
     body = dict(model=model, examples=examples, template=template, label_words=list(label_words))
     if deltas is not None:
-        body["init"] = dict(kind=init.kind, tokens=init.tokens, seed=init.seed, text=init.text)
+        body["init"] = init_spec(init)
         body["deltas"] = encode_array(deltas, dtype)
     return body
 

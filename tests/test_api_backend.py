@@ -73,11 +73,40 @@ def test_api_scores_equal_local(api, tiny_backend):
                                                                                 task.label_words)).logprobs).max() < 1e-5
 
 
+@pytest.mark.parametrize("depth", ["deep", "prefix"])
+def test_a_deep_or_prefix_prompt_over_api_scores_as_locally(api, tiny_backend, depth):
+    """The server builds the layer prompts from the init spec; the client learns only their shape and scales."""
+    task = load_task(task="sst2", shots=4, seed=0, prompt_position="prefix")
+    init = PromptInit("text", 4, 0, "Classify the review.", depth=depth)
+    sites = []
+    for backend in (api, tiny_backend):
+        backend.set_init(init)
+        sites.append(backend.prompt_site())
+    assert sites[0] == sites[1] and sites[0].depth == depth
+    assert depth in api.info().depths
+    deltas = np.random.default_rng(0).standard_normal((4, *sites[0].shape)).astype(np.float32) * 0.05
+    got = api.score(deltas, api.encode(task.train, task.template, task.label_words))
+    ref = tiny_backend.score(deltas, tiny_backend.encode(task.train, task.template, task.label_words))
+    assert np.abs(got.logprobs - ref.logprobs).max() < 1e-5
+    with pytest.raises(BackendError, match="expected \\[pop"):
+        api.score(deltas[:, :1], api.encode(task.train, task.template, task.label_words))
+    tiny_backend.set_init(PromptInit("text", 4, 0, "Classify the review."))      # the shared fixture as it was
+
+
 def test_api_study_equals_local_study(server, tmp_path, tiny_model_dir, local_run):
     got = run_study(tmp_path, "api", "--backend", "api", "--endpoint", server.url, "--api-key", KEY,
                     "--model", tiny_model_dir, budget=24)
     _same_trials(got, local_run, 24)
     assert all(t.metrics["bytes_sent"] > 0 for t in got["trials"])
+
+
+def test_a_deep_layerwise_study_over_api_equals_the_local_one(server, tmp_path, tiny_model_dir):
+    """`bbpt optimize --backend api --depth deep`: the same trials as with the model in-process."""
+    deep = ("--depth", "deep", "--schedule", "layerwise", "--prompt-position", "prefix")
+    ref = run_study(tmp_path, "local", "--model", tiny_model_dir, *deep, budget=16)
+    got = run_study(tmp_path, "api", "--backend", "api", "--endpoint", server.url, "--api-key", KEY,
+                    "--model", tiny_model_dir, *deep, budget=16)
+    _same_trials(got, ref, 16)
 
 
 def test_wrong_key_and_wrong_model_fail_at_once(server, tiny_model_dir):

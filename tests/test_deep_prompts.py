@@ -133,9 +133,9 @@ def test_settings_that_cannot_work_are_refused_before_anything_runs():
         StudyConfig(depth="deep", space="discrete")
     with pytest.raises(ConfigError, match="--schedule"):
         StudyConfig(schedule="layerwise")                               # an input prompt has one block
-    for backend in ("api", "vllm"):
-        with pytest.raises(ConfigError, match="--backend local"):
-            check_flags(StudyConfig(depth="deep", backend=backend, endpoint="http://127.0.0.1:9"))
+    with pytest.raises(ConfigError, match="--backend local or api"):
+        check_flags(StudyConfig(depth="deep", backend="vllm", endpoint="http://127.0.0.1:9"))
+    check_flags(StudyConfig(depth="deep", backend="api", endpoint="http://127.0.0.1:9"))    # the server builds it
 
 
 def test_layerwise_cma_searches_one_block_at_a_time_and_resumes():
@@ -218,3 +218,20 @@ def test_a_prefix_exports_to_peft_and_gives_peft_s_logits(tiny_model_dir, tmp_pa
     back = SavedPrompt.load(from_peft(out, tmp_path / "back"))
     np.testing.assert_allclose(back.layers["prefix"], saved.layers["prefix"])
     assert back.depth == "prefix"
+
+
+def test_a_saved_deep_prompt_in_a_serve_bank_scores_as_it_was_tuned(three_layers, tmp_path):
+    from bbpt.server.prompts import entry_from_saved
+
+    be = _backend(three_layers)
+    be.set_init(PromptInit(**INIT, depth="deep", layers="2"))
+    delta = np.random.default_rng(2).normal(size=be.prompt_site().shape).astype(np.float32) * 0.3
+    batch = be.encode(EXAMPLES, Template(TEMPLATES["prefix"]), [" good", " bad"])
+    tuned = be.score(delta[None], batch).logprobs
+    meta = dict(template=TEMPLATES["prefix"], label_words=[" good", " bad"], task="sst2", tokens=4,
+                prompt_is="P0 + delta", **be.prompt_site().describe())
+    SavedPrompt(be.prompt_matrix(delta), meta, layers=be.prompt_layers(delta)).save(tmp_path / "p")
+    entry = entry_from_saved("p", SavedPrompt.load(tmp_path / "p"))
+    be.set_init(entry.init)
+    assert be.prompt_site().layers == (2,)
+    np.testing.assert_allclose(be.score(entry.delta, batch).logprobs, tuned, atol=1e-5)

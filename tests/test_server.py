@@ -76,8 +76,9 @@ def test_health_is_open_and_models_describe_without_weights(server, client):
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
     card = client.get("/v1/models").json()["data"][0]
     assert card["hidden_size"] == 32 and card["vocab_size"] > 1000 and card["embed_std"] > 0
-    assert set(card) == {"id", "object", "owned_by", "hidden_size", "embed_std", "vocab_size", "max_model_len",
-                         "limits", "prompts"}
+    assert card["depths"] == ["input", "deep", "prefix"]       # the server builds layer prompts itself
+    assert set(card) == {"id", "object", "owned_by", "hidden_size", "depths", "embed_std", "vocab_size",
+                         "max_model_len", "limits", "prompts"}
     assert card["prompts"] == ["e2e-gen", "sst2-delta", "sst2-full"]
 
 

@@ -23,7 +23,7 @@ from bbpt.errors import BbptError
 from bbpt.prompt import PromptInit
 from bbpt.server import completions
 from bbpt.server.prompts import load_bank
-from bbpt.server.protocol import ClassifyRequest, CompletionRequest, Limits, ScoreRequest
+from bbpt.server.protocol import ClassifyRequest, CompletionRequest, Limits, ScoreRequest, SiteRequest
 from bbpt.wire import RequestError, decode_array, score_response
 from bbpt.server.worker import ModelWorker
 from bbpt.tasks import Example, Template
@@ -143,7 +143,7 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
 
     @app.get("/v1/models")
     async def models():
-        card = dict(id=model_name, object="model", owned_by="bbpt", hidden_size=info.hidden_size,
+        card = dict(id=model_name, object="model", owned_by="bbpt", hidden_size=info.hidden_size, depths=info.depths,
                     embed_std=info.embed_std, vocab_size=info.vocab_size, max_model_len=limits.max_seq_tokens,
                     limits=limits.to_dict(), prompts=sorted(bank))
         # Tuned generation prompts are models of their own, on the served one (vLLM lists LoRA adapters so).
@@ -161,14 +161,20 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
                 raise RequestError("deltas were sent without init; say how P0 is built, e.g. "
                                    '{"kind": "text", "tokens": 10, "text": "Classify the review."}')
             init = _init(req.init, limits)
+            shape = (await worker.site(init)).shape
             deltas = decode_array(req.deltas.model_dump(), field="deltas",
-                                  max_elements=limits.max_candidates * init.tokens * info.hidden_size)
-            expected = ("pop", init.tokens, info.hidden_size)
-            if deltas.ndim != 3 or deltas.shape[1:] != expected[1:] or not 1 <= len(deltas) <= limits.max_candidates:
-                raise RequestError(f"deltas have shape {list(deltas.shape)}; expected [pop, {init.tokens}, "
-                                   f"{info.hidden_size}] with 1 <= pop <= {limits.max_candidates}")
+                                  max_elements=limits.max_candidates * int(np.prod(shape)))
+            if deltas.shape[1:] != shape or not 1 <= len(deltas) <= limits.max_candidates:
+                raise RequestError(f"deltas have shape {list(deltas.shape)}; expected [pop, "
+                                   f"{', '.join(map(str, shape))}] with 1 <= pop <= {limits.max_candidates} for a "
+                                   f"{init.depth} prompt")
         lp, tokens, target_tokens = await worker.score(init, deltas, examples, template, req.label_words)
         return score_response(model_name, lp, tokens, target_tokens)
+
+    @app.post("/v1/site")
+    async def site(req: SiteRequest):
+        check_model(req.model)
+        return (await worker.site(_init(req.init, limits))).describe()
 
     @app.post("/v1/classify")
     async def classify(req: ClassifyRequest):
@@ -237,4 +243,4 @@ def _init(spec, limits: Limits) -> PromptInit:
         raise RequestError(f"init.text is longer than {limits.max_text_chars} characters")
     if spec.kind in ("text", "labels") and not spec.text.strip():
         raise RequestError(f"init kind {spec.kind!r} needs words in init.text")
-    return PromptInit(spec.kind, spec.tokens, spec.seed, spec.text)
+    return PromptInit(spec.kind, spec.tokens, spec.seed, spec.text, spec.depth, spec.layers)

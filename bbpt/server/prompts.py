@@ -47,7 +47,8 @@ def entry_from_saved(name: str, saved: SavedPrompt) -> BankEntry:
         kind, _, text = meta["init"].partition(":")
         if kind == "labels":
             text = " ".join(w.strip() for w in meta["label_words"])
-        init = PromptInit(kind, m, int(meta.get("config", {}).get("seed", 0)), text)
+        tuned_at = ",".join(map(str, meta["layers"])) if saved.depth != "input" else "all"
+        init = PromptInit(kind, m, int(meta.get("config", {}).get("seed", 0)), text, saved.depth, tuned_at)
     else:   # the saved tensors are the prompt itself (deep: at the layers it was tuned at; prefix: every layer)
         layers = ",".join(map(str, meta["layers"])) if saved.depth == "deep" else "all"
         init = PromptInit("zeros", m, depth=saved.depth, layers=layers)

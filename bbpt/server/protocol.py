@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bbpt.prompt import INIT_KINDS
+from bbpt.prompt import DEPTHS, INIT_KINDS
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,15 @@ class InitIn(_Strict):
     tokens: int = Field(ge=1)
     seed: int = 0
     text: str = ""
+    depth: Literal[DEPTHS] = "input"    # where the prompt enters; the server builds the layer prompts
+    layers: str = Field(default="all", max_length=1000)
+
+
+class SiteRequest(_Strict):
+    """``POST /v1/site``: where a prompt built by ``init`` enters, its offsets' shape and per-block scales."""
+
+    model: str | None = None
+    init: InitIn
 
 
 class ExampleIn(_Strict):

@@ -134,6 +134,13 @@ class ModelWorker:
                 self._encoded.popitem(last=False)
         return self._encoded[key]
 
+    async def site(self, init: PromptInit):
+        """Where prompts built by ``init`` enter (a :class:`adapters.PromptSite`), resolved on the model thread."""
+        def resolve():
+            self.use_init(init)
+            return self.backend.prompt_site()
+        return await self.run(resolve)
+
     def use_init(self, init: PromptInit) -> None:
         # P0 is resolved once per spec and kept while requests keep naming it (one study at a time is the
         # common case); switching specs costs one embedding lookup, so no larger cache is worth keeping.
