@@ -95,8 +95,6 @@ def hidden_offsets(model, layers: tuple[int, ...], offsets, cols):
 def robust_std(x) -> float:
     """The spread of ``x`` as 1.4826 × its median absolute deviation: a standard deviation that the few huge
     activations of some hidden dimensions (LLMs' "massive activations") do not inflate."""
-    import torch
-
     x = x.detach().float().reshape(-1)
     return float(1.4826 * (x - x.median()).abs().median())
 

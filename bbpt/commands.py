@@ -85,7 +85,7 @@ TEXT_BACKEND_KEYS = ("backend", "endpoint", "model", "chat", "logprobs", "top_lo
 
 def _saved_task_and_backend(args):
     from adapters.hf import HFBackend
-    from bbpt.prompt import PromptInit, SavedPrompt, TextPrompts
+    from bbpt.prompt import SavedPrompt, TextPrompts
     from bbpt.session import open_backend
 
     saved = SavedPrompt.load(args.prompt)
@@ -110,11 +110,9 @@ def _saved_task_and_backend(args):
     if tuple(saved.prompt.shape) != (meta["tokens"], backend.info().hidden_size):
         raise ConfigError(f"prompt in {args.prompt} has shape {saved.prompt.shape} but model {meta['model']} "
                           f"has width {backend.info().hidden_size}; use the model it was tuned for")
-    # The saved tensors are the prompt itself, so P0 is zeros and the offset is the whole prompt (a prefix
-    # holds every layer's keys and values; a deep prompt its input part and the layers it was tuned at).
-    layers = ",".join(map(str, meta["layers"])) if saved.depth == "deep" else "all"
-    backend.set_init(PromptInit("zeros", saved.prompt.shape[0], depth=saved.depth, layers=layers))
-    return saved.site_delta()[None], cfg, backend
+    init, delta = saved.scoring_init()       # P0 rebuilt for a prompt tuned remotely, else zeros
+    backend.set_init(init)
+    return delta[None], cfg, backend
 
 
 def cmd_eval(args) -> int:

@@ -240,6 +240,22 @@ class SavedPrompt:
     def depth(self) -> str:
         return self.meta.get("depth", "input")
 
+    def scoring_init(self) -> tuple[PromptInit, np.ndarray]:
+        """How a backend scores this prompt: the init to give ``set_init`` and the offset to send (its site's
+        shape). A prompt tuned through a remote backend saved only its offset from the server's P0, so P0 is
+        rebuilt from the recorded init; otherwise the saved tensors are the prompt and P0 is zeros (a deep
+        prompt at the layers it was tuned at, a prefix with every layer's keys and values)."""
+        meta, m = self.meta, self.prompt.shape[0]
+        if meta.get("prompt_is", "").startswith("delta"):
+            kind, _, text = meta["init"].partition(":")
+            if kind == "labels":
+                text = " ".join(w.strip() for w in meta["label_words"])
+            tuned_at = ",".join(map(str, meta["layers"])) if self.depth != "input" else "all"
+            seed = int(meta.get("config", {}).get("seed", 0))
+            return PromptInit(kind, m, seed, text, self.depth, tuned_at), self.site_delta()
+        layers = ",".join(map(str, meta["layers"])) if self.depth == "deep" else "all"
+        return PromptInit("zeros", m, depth=self.depth, layers=layers), self.site_delta()
+
     def site_delta(self) -> np.ndarray:
         """The whole prompt as an offset from a zero P0, in its site's shape: what a backend told
         ``set_init(PromptInit("zeros", m, depth=..., layers=...))`` scores as this prompt."""

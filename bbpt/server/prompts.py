@@ -41,18 +41,8 @@ class BankEntry:
 
 def entry_from_saved(name: str, saved: SavedPrompt) -> BankEntry:
     meta = saved.meta
-    m = saved.prompt.shape[0]
-    if meta.get("prompt_is", "").startswith("delta"):
-        # Tuned through a remote backend: the client only ever held the offset, so P0 is rebuilt here.
-        kind, _, text = meta["init"].partition(":")
-        if kind == "labels":
-            text = " ".join(w.strip() for w in meta["label_words"])
-        tuned_at = ",".join(map(str, meta["layers"])) if saved.depth != "input" else "all"
-        init = PromptInit(kind, m, int(meta.get("config", {}).get("seed", 0)), text, saved.depth, tuned_at)
-    else:   # the saved tensors are the prompt itself (deep: at the layers it was tuned at; prefix: every layer)
-        layers = ",".join(map(str, meta["layers"])) if saved.depth == "deep" else "all"
-        init = PromptInit("zeros", m, depth=saved.depth, layers=layers)
-    return BankEntry(name=name, init=init, delta=np.asarray(saved.site_delta(), np.float32)[None],
+    init, delta = saved.scoring_init()
+    return BankEntry(name=name, init=init, delta=np.asarray(delta, np.float32)[None],
                      template=Template(meta["template"]), label_words=tuple(meta["label_words"]),
                      label_names=tuple(meta.get("label_names") or meta["label_words"]), task=str(meta.get("task")),
                      bias=None if saved.bias is None else tuple(saved.bias.tolist()),
