@@ -235,3 +235,62 @@ def test_a_saved_deep_prompt_in_a_serve_bank_scores_as_it_was_tuned(three_layers
     be.set_init(entry.init)
     assert be.prompt_site().layers == (2,)
     np.testing.assert_allclose(be.score(entry.delta, batch).logprobs, tuned, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_on_the_default_model_deep_and_prefix_start_exactly_where_the_input_prompt_is(real_backend):
+    """SmolLM2-135M (30 layers, 3 key/value heads of 64): the untuned deep prompt and the prefix of P0's own
+    keys/values score SST-2 as P0 at the input does, and deep offsets move the scores."""
+    from bbpt.tasks import load_task
+
+    task = load_task(task="sst2", shots=4, seed=0, prompt_position="prefix")
+    batch = real_backend.encode(task.train, task.template, task.label_words)
+    scores = {}
+    for depth in ("input", "deep", "prefix"):
+        real_backend.set_init(PromptInit("text", 10, text=task.init_text, depth=depth))
+        shape = real_backend.prompt_site().shape
+        scores[depth] = real_backend.score(np.zeros((1, *shape)), batch).logprobs
+        if depth == "deep":
+            assert shape == (30, 10, 576) and real_backend.prompt_site().layers == tuple(range(1, 30))
+            moved = real_backend.score(np.full((1, *shape), 0.05, np.float32), batch).logprobs
+            assert np.abs(moved - scores["input"]).max() > 1e-2
+        if depth == "prefix":
+            assert shape == (30, 2, 10, 192) and real_backend.prompt_site().kv_heads == 3
+    real_backend.set_init(PromptInit("text", 10, text=task.init_text))
+    np.testing.assert_array_equal(scores["deep"], scores["input"])
+    np.testing.assert_allclose(scores["prefix"], scores["input"], atol=2e-4)
+
+
+@pytest.mark.slow
+def test_a_prefix_tuned_on_the_default_model_exports_to_peft_with_peft_s_logits(tmp_path):
+    """What a user runs: `bbpt optimize --depth prefix --optimizer backprop`, `bbpt export --format peft`, and
+    PEFT's own loading gives the label scores bbpt gives."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapters.hf import HFBackend
+    from bbpt.cli import main
+    from bbpt.config import StudyConfig
+    from bbpt.session import load_task_for
+
+    url = f"sqlite:///{tmp_path / 'bbpt.db'}"
+    assert main(["optimize", "--depth", "prefix", "--optimizer", "backprop", "--budget", "2", "--shots", "4",
+                 "--max-test", "8", "--prompt-tokens", "4", "--device", "cpu", "--study", "real", "--storage", url,
+                 "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
+    assert main(["export", "real", "--format", "peft", "--out", str(tmp_path / "peft"), "--storage", url,
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
+    saved = SavedPrompt.load(tmp_path / "runs" / "real")
+    task = load_task_for(StudyConfig.from_dict(saved.meta["config"]))
+    be = HFBackend(saved.meta["model"], device="cpu")
+    init, delta = saved.scoring_init()
+    be.set_init(init)
+    ours = be.score(delta[None], be.encode(task.test, task.template, task.label_words)).logprobs[0]
+    base = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(tmp_path / "peft")).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in task.label_words]
+    with torch.no_grad():
+        theirs = np.array([torch.log_softmax(model(**tok(task.template.render(ex)[1], return_tensors="pt"))
+                                             .logits[0, -1].float(), -1)[ids].numpy() for ex in task.test])
+    np.testing.assert_allclose(theirs, ours, atol=2e-4)
