@@ -265,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cost in calls, so a model that favours one label word is corrected (the manual baseline "
                         "gets the same); none: raw label-word scores (bbpt 0.1 and the committed v1 studies)")
     g.add_argument("--eval-every", type=int, help="calls between dev evaluations (default: budget/10)")
+    g.add_argument("--train-batches", type=int, default=1, help="k > 1: score each generation's candidates on "
+                   "one of k stratified mini-batches of the training set in turn (calls k times shorter) and its "
+                   "best on the whole set (one more call, the loss recorded as the study's best); each trial "
+                   "records its examples and tokens")
     g.add_argument("--dev-ties", choices=DEV_TIES,
                    help="which prompt is kept when several reach the best dev score: the earliest (default; the rule "
                         "of the committed studies) or the one with the lowest dev loss (finer than a score that moves "

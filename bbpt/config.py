@@ -89,6 +89,10 @@ class StudyConfig:
     # "bias": each prompt carries C per-class biases fitted on the training scores (free: no model calls)
     calibration: str = "bias"
     eval_every: int | None = None       # in calls; None: a tenth of the budget
+    # > 1: the training set is cut into this many stratified mini-batches; generation g's candidates are scored
+    # on mini-batch g mod k (calls 1/k as long), and the generation's best is re-scored on the whole set as one
+    # more call, the loss the study records as its best (so best losses stay comparable across settings)
+    train_batches: int = 1
     # P0 competes on dev: its dev score (with its own train-fitted bias) is the first kept one, so a search that
     # finds nothing better on dev returns the starting prompt rather than a worse one (off: bbpt <= 0.2's rule).
     keep_start: bool = False
@@ -129,6 +133,10 @@ class StudyConfig:
             (self.space in ("full", "projected") or self.optimizer != "backprop", "space",
              "full or projected for backprop (a discrete prompt has no gradient)"),
             (self.vocab_size >= 2, "vocab_size", "at least 2 candidate words"),
+            (1 <= self.train_batches <= self.shots, "train_batches",
+             f"between 1 and --shots ({self.shots}), so every mini-batch holds every class"),
+            (self.train_batches == 1 or self.optimizer != "backprop", "train_batches",
+             "1 for backprop (its steps use the whole training set)"),
             (self.depth in DEPTHS, "depth", " or ".join(DEPTHS)),
             (self.schedule in SCHEDULES, "schedule", " or ".join(SCHEDULES)),
             (self.depth == "input" or self.space in ("projected", "full"), "depth",

@@ -75,7 +75,9 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
     return StudyReport(
         name=name, optimizer=row.config["optimizer"], state=row.state,
         calls=np.cumsum([t.calls for t in trials]), seconds=np.cumsum([t.seconds for t in trials]),
-        best_loss=np.minimum.accumulate([t.loss for t in trials]) if trials else np.array([]),
+        # a mini-batch trial's loss is on part of the training set: the curve follows whole-set losses only
+        best_loss=np.fmin.accumulate([np.nan if "batch" in t.metrics else t.loss for t in trials])
+        if trials else np.array([]),
         tokens=sum(t.tokens for t in trials),
         dev_calls=np.array([e.calls_at for e in dev]), dev_seconds=np.array([e.seconds_at for e in dev]),
         best_dev=np.maximum.accumulate(dev_scores) if dev else dev_scores,

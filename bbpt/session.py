@@ -137,6 +137,17 @@ def make_prompt_space(cfg: StudyConfig, task: Task, init: PromptInit, info, site
                       per_block_dim=cfg.schedule == "layerwise")
 
 
+def stratified_batches(labels, k: int) -> list[np.ndarray]:
+    """The training set's indices cut into k mini-batches, each class dealt round-robin in its training order
+    (which the task's seed already shuffled), so every batch holds every class (k ≤ shots)."""
+    labels = np.asarray(labels)
+    out: list[list[int]] = [[] for _ in range(k)]
+    for c in np.unique(labels):
+        for j, i in enumerate(np.flatnonzero(labels == c)):
+            out[j % k].append(int(i))
+    return [np.array(sorted(b)) for b in out]
+
+
 def calibration_meta(bias) -> dict | None:
     """What a saved prompt records of its calibration: the label bias added to its scores before the argmax."""
     if bias is None:
@@ -185,6 +196,10 @@ class Session:
         encode = lambda split: self.backend.encode(self.task.split(split), self.task.template, self.task.label_words)
         self.train, self.dev = encode("train"), encode("dev")
         self.y_train = np.array([e.label for e in self.task.train])
+        self.train_batches = [
+            (self.backend.encode([self.task.train[i] for i in idx], self.task.template, self.task.label_words),
+             self.y_train[idx]) for idx in stratified_batches(self.y_train, cfg.train_batches)
+        ] if cfg.train_batches > 1 else []
         self.y_dev = np.array([e.label for e in self.task.dev])
         self.metric = self.task.score_name
         self.runs_dir = Path(runs_dir)
@@ -205,11 +220,25 @@ class Session:
     def _check_resumable(self, ck) -> None:
         """Compaction drops a complete study's optimizer state; its budget can then no longer grow."""
         cfg = self.config
-        per_gen = 1 if self.optimizer.needs_gradient else cfg.popsize
-        if ck and not ck.optimizer_state and ck.loop_state["calls"] + per_gen <= cfg.budget:
+        if ck and not ck.optimizer_state and ck.loop_state["calls"] + self.calls_per_generation <= cfg.budget:
             raise StudyError(f"study {self.name!r} was compacted (`bbpt studies compact`) after it completed, so its "
                              f"optimizer state is gone and its budget cannot be raised from {ck.loop_state['calls']} "
                              f"to {cfg.budget} calls; run it under a new name, or delete it and run it again")
+
+    @property
+    def calls_per_generation(self) -> int:
+        """Backprop: one step; a population: its candidates, plus the re-score of its best on the whole
+        training set when candidates are scored on mini-batches."""
+        if self.optimizer.needs_gradient:
+            return 1
+        return self.config.popsize + (1 if self.train_batches else 0)
+
+    def train_part(self, generation: int):
+        """What generation ``generation`` scores its candidates on: (mini-batch number or None, batch, labels)."""
+        if not self.train_batches:
+            return None, self.train, self.y_train
+        k = generation % len(self.train_batches)
+        return (k, *self.train_batches[k])
 
     def trial_z(self, number: int) -> np.ndarray:
         row = self.storage.trial(self.study_id, number)

@@ -49,7 +49,7 @@ def run(sess: Session, progress: bool = True) -> dict:
     opt = sess.optimizer        # built by the session, before its study row was written
     ck = store.last_checkpoint(sid)
     loop = LoopState(**ck.loop_state) if ck else LoopState()
-    per_gen = 1 if opt.needs_gradient else cfg.popsize
+    per_gen = sess.calls_per_generation
     if ck and ck.optimizer_state:
         opt.load_state(ck.optimizer_state)
         log.info("resuming study %s at call %d/%d", sess.name, loop.calls, cfg.budget)
@@ -65,41 +65,35 @@ def run(sess: Session, progress: bool = True) -> dict:
                         loop.tokens + loop.eval_tokens, cfg.max_tokens_total)
             break
         zs = opt.ask()
-        got = score_population(sess.backend, space, zs, sess.train, sess.y_train, cfg.loss, opt.needs_gradient,
+        part, train, y_train = sess.train_part(loop.generation)
+        got = score_population(sess.backend, space, zs, train, y_train, cfg.loss, opt.needs_gradient,
                                cfg.calibration)
         opt.tell(zs, got.losses, got.grads, got.logprobs)
-        trials = []
-        for i, (z, lo) in enumerate(zip(zs, got.losses)):
-            metrics = dict(got.metrics[i])
-            if got.bytes_sent or got.bytes_received:     # remote backends: each candidate's share of the traffic
-                metrics.update(bytes_sent=got.bytes_sent // len(zs), bytes_received=got.bytes_received // len(zs))
-            if got.texts is not None:
-                metrics["prompt"] = got.texts[i]
-            metrics.update(got.per_prompt[i] if got.per_prompt else {})
-            tokens = metrics.pop("tokens", got.tokens // len(zs))
-            if cfg.price_per_1k is not None:
-                metrics["cost"] = tokens / 1000 * cfg.price_per_1k
-            trials.append(dict(number=loop.trials, generation=loop.generation, z=np.asarray(z, "<f4").tobytes(),
-                               loss=float(lo), metrics=metrics, calls=1, tokens=tokens,
-                               seconds=got.seconds / len(zs), backward_seconds=got.backward_seconds / len(zs),
-                               state="complete"))
-            if lo < loop.best_loss:
-                loop.best_loss, loop.best_trial, loop.best_bias = float(lo), loop.trials, metrics.get("bias")
-                best_z = np.asarray(z)
-            loop.trials += 1
-        loop.calls += len(zs)
-        loop.tokens += got.tokens
-        loop.gen_tokens_max = max(loop.gen_tokens_max, got.tokens)
-        loop.seconds += got.seconds
+        gen_tokens = got.tokens
+        if part is None:
+            trials, best_z = _record(loop, cfg, zs, got, best_z)
+        else:
+            # Mini-batch losses steer the search; the study's best is the generation's best re-scored on the
+            # whole training set (one more call), so it compares with whole-set studies.
+            trials, _ = _record(loop, cfg, zs, got, best_z, {"batch": part, "examples": train.n}, tracks_best=False)
+            i = int(np.argmin(got.losses))
+            full = score_population(sess.backend, space, zs[i:i + 1], sess.train, sess.y_train, cfg.loss, False,
+                                    cfg.calibration)
+            more, best_z = _record(loop, cfg, zs[i:i + 1], full, best_z,
+                                   {"rescore_of": trials[i]["number"], "examples": sess.train.n})
+            trials += more
+            gen_tokens += full.tokens
+        loop.calls += len(trials)
+        loop.gen_tokens_max = max(loop.gen_tokens_max, gen_tokens)
         evals, start_evals = start_evals, []
-        due = loop.calls // cfg.eval_every > (loop.calls - len(zs)) // cfg.eval_every
+        due = loop.calls // cfg.eval_every > (loop.calls - len(trials)) // cfg.eval_every
         last = loop.calls + per_gen > cfg.budget
         if (due or last) and loop.best_trial not in loop.evaluated:
             evals.append(_dev_eval(sess, space, loop, best_z))
         loop.generation += 1
         store.commit_generation(sid, trials, dict(generation=loop.generation, optimizer_state=opt.state(),
                                                   loop_state=asdict(loop), best_trial=loop.best_trial), evals)
-        bar.update(len(zs))
+        bar.update(len(trials))
         bar.set_postfix(best_loss=f"{loop.best_loss:.4f}",
                         dev=f"{loop.dev_last:.3f}" if loop.dev_last is not None else "-")
     bar.close()
@@ -110,6 +104,35 @@ def run(sess: Session, progress: bool = True) -> dict:
     if loop.best_trial is not None and loop.best_trial not in loop.evaluated:  # budget smaller than one step
         store.add_evaluations(sid, [_dev_eval(sess, space, loop, best_z)])
     return sess.finish(space, loop)
+
+
+def _record(loop: LoopState, cfg, zs, got, best_z, extra: dict | None = None, tracks_best: bool = True):
+    """The trial rows of one scored population (each candidate one call), with the loop's counters and, when
+    these losses are on the whole training set (``tracks_best``), its best trial updated. Returns the rows and
+    the best z so far."""
+    trials = []
+    for i, (z, lo) in enumerate(zip(zs, got.losses)):
+        metrics = dict(got.metrics[i])
+        if got.bytes_sent or got.bytes_received:     # remote backends: each candidate's share of the traffic
+            metrics.update(bytes_sent=got.bytes_sent // len(zs), bytes_received=got.bytes_received // len(zs))
+        if got.texts is not None:
+            metrics["prompt"] = got.texts[i]
+        metrics.update(got.per_prompt[i] if got.per_prompt else {})
+        metrics.update(extra or {})
+        tokens = metrics.pop("tokens", got.tokens // len(zs))
+        if cfg.price_per_1k is not None:
+            metrics["cost"] = tokens / 1000 * cfg.price_per_1k
+        trials.append(dict(number=loop.trials, generation=loop.generation, z=np.asarray(z, "<f4").tobytes(),
+                           loss=float(lo), metrics=metrics, calls=1, tokens=tokens,
+                           seconds=got.seconds / len(zs), backward_seconds=got.backward_seconds / len(zs),
+                           state="complete"))
+        if tracks_best and lo < loop.best_loss:
+            loop.best_loss, loop.best_trial, loop.best_bias = float(lo), loop.trials, metrics.get("bias")
+            best_z = np.asarray(z)
+        loop.trials += 1
+    loop.tokens += got.tokens
+    loop.seconds += got.seconds
+    return trials, best_z
 
 
 def _dev_eval(sess: Session, space, loop: LoopState, z: np.ndarray) -> dict:

@@ -3,6 +3,7 @@ rule of the committed studies) keeps the first, `--dev-ties loss` the one with t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from bbpt.config import StudyConfig
@@ -110,3 +111,51 @@ def test_keep_start_returns_p0_when_no_trial_beats_it(tmp_path, tiny_model_dir):
     assert summary["selected_trial"] == -1 and summary["calls"] == 0
     saved = SavedPrompt.load(tmp_path / "runs" / "p0")
     assert saved.meta["calibration"] is not None and abs(saved.prompt).sum() > 0
+
+
+def test_mini_batches_score_a_generation_on_part_of_train_and_its_best_on_all(tiny_model_dir, tmp_path):
+    """--train-batches 2: candidates alternate between two stratified halves of train (each with every class);
+    each generation's best is re-scored on the whole set as one more call, and only those losses are the
+    study's best."""
+    from adapters.hf import HFBackend
+    from bbpt.config import StudyConfig
+    from bbpt.session import Session, stratified_batches
+    from bbpt.storage import Storage
+    from bbpt.study import run
+
+    batches = stratified_batches(np.array([0, 1, 0, 1, 0, 1, 1, 0]), 2)
+    assert [sorted(np.array([0, 1, 0, 1, 0, 1, 1, 0])[b]) for b in batches] == [[0, 0, 1, 1]] * 2
+    cfg = StudyConfig(task="sst2", model=tiny_model_dir, device="cpu", shots=4, max_test=8, prompt_tokens=4,
+                      intrinsic_dim=10, popsize=4, budget=15, train_batches=2)
+    store = Storage(f"sqlite:///{tmp_path / 's.db'}")
+    sess = Session(cfg, store, name="mb", backend=HFBackend(tiny_model_dir, device="cpu"),
+                   runs_dir=tmp_path / "runs")
+    assert sess.calls_per_generation == 5
+    summary = run(sess, progress=False)
+    trials = store.trials(sess.study_id)
+    assert summary["calls"] == 15 and len(trials) == 15          # 3 generations of 4 candidates + 1 re-score
+    for g in range(3):
+        gen = [t for t in trials if t.generation == g]
+        part, rescore = gen[:4], gen[4]
+        assert {t.metrics["batch"] for t in part} == {g % 2} and all(t.metrics["examples"] == 4 for t in part)
+        best = min(part, key=lambda t: t.loss)
+        assert rescore.metrics["rescore_of"] == best.number and rescore.z == best.z
+        assert rescore.metrics["examples"] == 8 and rescore.tokens > best.tokens
+    whole = [t for t in trials if "rescore_of" in t.metrics]
+    assert summary["best_train_loss"] == pytest.approx(min(t.loss for t in whole))
+    # the re-score's loss is the whole training set's: scoring that prompt again gives it
+    z = np.frombuffer(whole[0].z, dtype="<f4")[None]
+    again = sess.backend.score(sess.space.decode(z), sess.train)
+    from bbpt.scoring import _fitness, fitted_bias
+    loss, _ = _fitness(again, sess.y_train, "ce", fitted_bias(again, sess.y_train, "bias"))
+    assert loss[0] == pytest.approx(whole[0].loss, abs=1e-5)
+
+
+def test_mini_batches_are_refused_where_they_cannot_work():
+    from bbpt.config import StudyConfig
+    from bbpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--train-batches 5 .*--shots \\(4\\)"):
+        StudyConfig(shots=4, train_batches=5)
+    with pytest.raises(ConfigError, match="--train-batches 2 .*backprop"):
+        StudyConfig(optimizer="backprop", train_batches=2)
