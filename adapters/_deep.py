@@ -60,9 +60,9 @@ def decoder_layers(model):
 
 
 @contextlib.contextmanager
-def hidden_offsets(model, layers: tuple[int, ...], offsets, cols):
-    """While open, ``offsets`` ``[B, len(layers), m, D]`` are added to the hidden states entering each of
-    ``layers`` at row b, columns ``cols[b] .. cols[b] + m`` of the forward's new tokens."""
+def hidden_offsets(layers, offsets, cols):
+    """While open, ``offsets`` ``[B, len(layers), m, D]`` are added to the hidden states entering each of the
+    decoder-layer modules ``layers`` at row b, columns ``cols[b] .. cols[b] + m`` of the forward's new tokens."""
     import torch
 
     if offsets is None:
@@ -82,10 +82,9 @@ def hidden_offsets(model, layers: tuple[int, ...], offsets, cols):
             return args, {**kwargs, "hidden_states": h}
         return pre
 
-    blocks = decoder_layers(model)
     try:
         for slot, layer in enumerate(layers):
-            handles.append(blocks[layer].register_forward_pre_hook(hook_for(slot), with_kwargs=True))
+            handles.append(layer.register_forward_pre_hook(hook_for(slot), with_kwargs=True))
         yield
     finally:
         for h in handles:

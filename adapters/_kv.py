@@ -76,8 +76,8 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, 
     sequence's total target log-prob, ``[B, 1]``: teacher-forced, read at the positions that predict the
     target tokens, and only those positions (the last ``max len(t) + 1``) reach the LM head.
 
-    ``hidden`` (a deep prompt: layers, offsets ``[B, layers, m, D]``, and where in each sequence its prompt
-    starts) adds the offsets to the hidden states at those positions before each of those layers.
+    ``hidden`` (a deep prompt: decoder-layer modules, offsets ``[B, layers, m, D]``, and where in each sequence
+    its prompt starts) adds the offsets to the hidden states at those positions before each of those layers.
     """
     import torch
     from transformers import DynamicCache
@@ -101,7 +101,7 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, 
     if hidden is not None:
         layers, offsets, starts = hidden
         cols = [longest - s.shape[0] + st for s, st in zip(seqs, starts)]     # left padding moves each row
-    with hidden_offsets(model, layers, offsets, cols):
+    with hidden_offsets(layers, offsets, cols):
         out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
                     use_cache=keep or cache is not None, logits_to_keep=tail)
     if targets is None:

@@ -148,6 +148,7 @@ class HFBackend:
         self.site: PromptSite | None = None     # where the prompt enters, resolved by set_init
         self.prefix_base = None                 # prefix: P0's keys and values [L, 2, m, kv_width]
         self._hidden = None                     # deep: this call's hidden-state offsets [pop, layers, m, D]
+        self._deep_modules: tuple = ()          # deep: the decoder layers its offsets enter, looked up once
         self._info = ModelInfo(
             name=model, hidden_size=int(self.embedding.weight.shape[1]),
             embed_std=float(self.embedding.weight.float().std()), vocab_size=int(self.embedding.weight.shape[0]),
@@ -192,7 +193,9 @@ class HFBackend:
         if init.depth == "input":
             return PromptSite("input", (), (m, width), (self._info.embed_std,))
         if init.depth == "deep":
-            layers = pick_layers(init.layers, len(decoder_layers(self.model)), "deep")
+            decoder = decoder_layers(self.model)
+            layers = pick_layers(init.layers, len(decoder), "deep")
+            self._deep_modules = tuple(decoder[l] for l in layers)
             states = self.model(inputs_embeds=self.p0[None], output_hidden_states=True).hidden_states
             # hidden_states[l] is what enters decoder layer l (hidden_states[0]: the embeddings)
             scales = (self._info.embed_std, *(robust_std(states[l][0]) for l in layers))
@@ -260,13 +263,16 @@ class HFBackend:
                 return self._result(lp, tokens, batch)
             d = None if deltas is None else torch.as_tensor(np.asarray(deltas), device=self.device, dtype=self.dtype)
             prompts = self._prompts(d)
-            if isinstance(prompts, KV):
-                lp = self._prefix_kv_logprobs(prompts, batch)
-            else:
-                lp = self._cached_logprobs(prompts, batch) if self._reuse_ok(prompts) else None
-                if lp is None:
-                    lp = self._logprobs_uncached(prompts, batch)
+            lp = self._logprobs(prompts, batch, reuse=True)
         return self._result(lp, self._tokens(prompts, batch), batch)
+
+    def _logprobs(self, prompts, batch: EncodedBatch, reuse: bool):
+        """``[pop, n, C]`` for prompts as :meth:`_prompts` builds them: a prefix's keys/values run before each
+        example; embedded prompts reuse kept keys/values where ``reuse`` allows, else run whole."""
+        if isinstance(prompts, KV):
+            return self._prefix_kv_logprobs(prompts, batch)
+        lp = self._cached_logprobs(prompts, batch) if reuse and self._reuse_ok(prompts) else None
+        return self._logprobs_uncached(prompts, batch) if lp is None else lp
 
     @staticmethod
     def _result(lp, tokens: int, batch: EncodedBatch) -> ScoreResult:
@@ -286,10 +292,7 @@ class HFBackend:
         """Differentiable ``[pop, n, C]`` label log-probs (generation: ``[pop, n]`` target log-probs) and the
         tokens processed."""
         prompts = self._prompts(deltas.to(device=self.device, dtype=self.dtype))
-        if isinstance(prompts, KV):
-            lp = self._prefix_kv_logprobs(prompts, batch)
-        else:
-            lp = self._logprobs_uncached(prompts, batch)
+        lp = self._logprobs(prompts, batch, reuse=False)
         return (lp if batch.targets is None else lp[..., 0]), self._tokens(prompts, batch)
 
     def prompt_matrix(self, delta: np.ndarray) -> np.ndarray:
@@ -423,7 +426,7 @@ class HFBackend:
         if self._hidden is None:
             return None
         idx = self.torch.tensor(cands, device=self.device)
-        return self.site.layers, self._hidden[idx], starts
+        return self._deep_modules, self._hidden[idx], starts
 
     @staticmethod
     def _tokens(prompts, batch: EncodedBatch) -> int:
