@@ -218,9 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     g = p.add_argument_group("prompt")
     g.add_argument("--prompt-tokens", type=int, default=10, help="m, the number of virtual tokens")
-    g.add_argument("--prompt-position", choices=("auto", "prefix", "infix"),
+    g.add_argument("--prompt-position", choices=("auto", "prefix", "infix", "suffix"),
                    help="infix: the prompt follows the input, before the answer cue, so each input is encoded once "
-                   "per study and derivative-free calls are ~3x cheaper; prefix: the prompt leads (PEFT's placement, "
+                   "per study and derivative-free calls are ~3x cheaper; suffix: the prompt follows the answer cue "
+                   "too, so a call recomputes only the prompt's m tokens (cheapest where the cue is long); prefix: the prompt leads (PEFT's placement, "
                    "needed by export --format peft); auto (default): where the template's {prompt} is, else infix "
                    "for soft prompts searched derivative-free and prefix for backprop and text prompts")
     g.add_argument("--depth", choices=("input", "deep", "prefix"), default="input",

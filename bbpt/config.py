@@ -124,7 +124,8 @@ class StudyConfig:
             (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),
             (self.eval_every >= 1, "eval_every", "at least 1 call"),
             (self.space in SPACES, "space", " or ".join(SPACES)),
-            (self.prompt_position in ("prefix", "infix", None), "prompt_position", "prefix, infix or auto"),
+            (self.prompt_position in ("prefix", "infix", "suffix", None), "prompt_position",
+             "prefix, infix, suffix or auto"),
             (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
             (self.dev_ties in DEV_TIES, "dev_ties", " or ".join(DEV_TIES)),
             (self.calibration in CALIBRATIONS, "calibration", " or ".join(CALIBRATIONS)),
@@ -141,7 +142,7 @@ class StudyConfig:
             (self.schedule in SCHEDULES, "schedule", " or ".join(SCHEDULES)),
             (self.depth == "input" or self.space in ("projected", "full"), "depth",
              "input for --space discrete or vocab (a text prompt enters as tokens)"),
-            (self.depth != "prefix" or self.prompt_position != "infix", "prompt_position",
+            (self.depth != "prefix" or self.prompt_position not in ("infix", "suffix"), "prompt_position",
              "prefix (or auto) for --depth prefix: its keys and values come before every token, as PEFT's do"),
             (self.schedule == "joint" or (self.optimizer == "cma" and self.depth != "input"
                                           and self.space == "projected"), "schedule",

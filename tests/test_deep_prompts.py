@@ -127,6 +127,9 @@ def test_settings_that_cannot_work_are_refused_before_anything_runs():
 
     with pytest.raises(ConfigError, match="--prompt-position"):
         StudyConfig(depth="prefix", prompt_position="infix")
+    with pytest.raises(ConfigError, match="--prompt-position 'suffix'"):
+        StudyConfig(depth="prefix", prompt_position="suffix")
+    assert StudyConfig(depth="deep", prompt_position="suffix").prompt_position == "suffix"
     assert StudyConfig(depth="prefix").prompt_position == "prefix"     # auto: a prefix leads
     assert StudyConfig(depth="deep").prompt_position == "infix"
     with pytest.raises(ConfigError, match="--depth"):

@@ -22,6 +22,7 @@ TEMPLATES = {
     "prefix after shared text": "Classify.{prompt} Review: {text}\nSentiment:",
     "infix": "Review: {text}\n{prompt}Sentiment:",
     "infix, pair after the prompt": "A: {text}\n{prompt}B: {text_pair}\nSame?:",
+    "suffix": "Review: {text}\nSentiment:{prompt}",
 }
 
 
@@ -97,7 +98,7 @@ def test_infix_matches_a_plain_unpadded_forward(backend):
             np.testing.assert_allclose(got[c, j], ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["prefix", "infix"])
+@pytest.mark.parametrize("name", ["prefix", "infix", "suffix"])
 def test_population_in_one_call_equals_one_candidate_at_a_time(backend, name):
     b = backend
     b.set_init(PromptInit("vocab", 3, seed=1))
@@ -112,7 +113,7 @@ def test_each_placement_computes_only_what_changed(backend):
     b = backend
     b.set_init(PromptInit("zeros", 3))
     exs, pop, m = examples(), 4, 3
-    for name in ("prefix", "infix"):
+    for name in ("prefix", "infix", "suffix"):
         batch = b.encode(exs, Template(TEMPLATES[name]), LABELS)
         b.score(deltas(b, pop), batch)                  # builds whatever is kept
         before = dict(b.stats)
@@ -122,6 +123,8 @@ def test_each_placement_computes_only_what_changed(backend):
             assert computed == pop * m + pop * sum(len(a) for a in batch.after)
         else:                       # only the prompt and the cue: each input was encoded on the first call
             assert computed == pop * sum(m + len(a) for a in batch.after)
+        if name == "suffix":        # the cue too: only the prompt's own tokens are computed again
+            assert computed == pop * m * len(exs)
         assert computed < b.score(deltas(b, pop), batch).tokens
 
 
@@ -205,6 +208,12 @@ def test_template_moves_the_prompt_to_a_position():
         Template("{text}").at("middle")
     task = load_task(task="sst2", shots=2, prompt_position="infix")
     assert task.template.source.endswith("\n{prompt}Sentiment (positive or negative):")
+    suffix = Template("Review: {text}\nSentiment:").at("suffix")
+    assert suffix.source == "Review: {text}\nSentiment:{prompt}" and suffix.placement == "suffix"
+    assert suffix.render(Example("dull")) == ("Review: dull\nSentiment:", "")
+    assert Template("{text} Cue: {prompt} ").placement == "suffix"       # whitespace after it is no cue
+    with pytest.raises(ConfigError, match="suffix position but --prompt-position is infix"):
+        Template("{text} Cue:{prompt}").at("infix")
 
 
 def test_optimize_with_an_infix_prompt_saves_its_template(tiny_model_dir, storage_url, tmp_path, capsys):
