@@ -35,7 +35,7 @@ import numpy as np
 
 from adapters._base import ModelInfo, PromptSite, ScoreResult
 from adapters._deep import decoder_layers, pick_layers, robust_std
-from adapters._kv import KV, forward_last, reuse_works
+from adapters._kv import KV, forward_blocks, forward_last, packing_works, reuse_works
 from adapters.default_model import resolve_model
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit, TextPrompts
@@ -94,12 +94,13 @@ class HFBackend:
     """A Hugging Face causal LM on this machine. ``model`` is a bbpt model name, a directory or a hub id.
 
     ``reuse_kv=False`` scores every call by whole-sequence forwards (the reference path); ``kv_cache_mb``
-    bounds the keys/values kept across calls; ``compile`` wraps the forward in ``torch.compile`` on CUDA only.
+    bounds the keys/values kept across calls; ``compile`` wraps the forward in ``torch.compile`` on CUDA only;
+    ``pack=False`` runs each candidate of an infix or suffix prompt in a row of its own, as before packing.
     """
 
     def __init__(self, model: str = "smollm2-135m", *, device: str = "auto", dtype: str = "float32",
                  max_batch_tokens: int = 2048, model_obj=None, tokenizer=None, reuse_kv: bool = True,
-                 kv_cache_mb: float = 1024.0, compile: bool = False):
+                 kv_cache_mb: float = 1024.0, compile: bool = False, pack: bool = True):
         import torch
 
         self.torch = torch
@@ -142,6 +143,8 @@ class HFBackend:
         self.kv_cache_bytes = int(kv_cache_mb * 2**20)
         self._kv_checked: str | None = None     # why keys/values cannot be reused ("" when they can)
         self._kv_token_bytes = 0
+        self.pack = pack
+        self._pack_checked: str | None = None   # why candidates cannot share a row ("" when they can)
         self._kv_kept: OrderedDict = OrderedDict()   # id(batch) -> (weakref to it, bytes), oldest use first
         self.stats = {"forwards": 0, "computed_tokens": 0, "padded_tokens": 0}   # what really ran (benchmarks)
         self.p0 = None
@@ -175,16 +178,7 @@ class HFBackend:
             self.site = self._resolve_site(init)
 
     def _init_ids(self, init: PromptInit) -> np.ndarray:
-        weight = self.embedding.weight
-        if init.kind == "vocab":
-            rng = np.random.default_rng(init.seed)
-            ids = rng.choice(min(VOCAB_INIT_RANGE, weight.shape[0]), size=init.tokens, replace=False)
-        else:  # text and labels: embeddings of the words, repeated to fill m rows (as PEFT's TEXT init does)
-            ids = self.tokenizer(init.text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ConfigError(f"--init {init.spec()!r} tokenizes to nothing; give some words")
-            ids = (ids * (init.tokens // len(ids) + 1))[: init.tokens]
-        return np.asarray(ids)
+        return init_token_ids(self.tokenizer, self.embedding.weight.shape[0], init)
 
     def _resolve_site(self, init: PromptInit) -> PromptSite:
         """Where the prompt enters, with the statistics a projection is scaled by, read off P0's own forward:
@@ -555,8 +549,47 @@ class HFBackend:
             pairs += gpairs
         return self._scatter(torch.cat(rows), pairs, pop, batch)
 
+    def _packing_ok(self, batch: EncodedBatch) -> bool:
+        """Whether this call's candidates can share each example's row (:func:`adapters._kv.forward_blocks`):
+        label scores only (generation reads every target position), no deep offsets, and a model whose
+        attention passed the check, run once per backend."""
+        if not self.pack or batch.targets is not None or self._deep_modules:
+            return False
+        if self._pack_checked is None:
+            self._pack_checked = packing_works(self.model, self._info.hidden_size, self.dtype, self.device)
+            if self._pack_checked:
+                log.info("candidates of %s are scored one row each (%s)", self.name, self._pack_checked)
+        return not self._pack_checked
+
+    def _packed_logprobs(self, prompts, batch: EncodedBatch, embeds, kv: KV):
+        """``[pop, n, C]`` with one row per example: its past held once, every candidate's prompt and cue
+        after it as blocks. Infix calls recompute what follows the prompt for each candidate either way; what
+        packing saves is copying each example's past keys/values once per candidate, and the small
+        matrix products of forwards that long pasts leave only a few rows each (Yelp, DBpedia)."""
+        torch = self.torch
+        pop, m = prompts.shape[:2]
+        label_ids = torch.tensor(batch.label_ids, device=self.device)
+        out = prompts.new_zeros(pop, batch.n, len(batch.label_ids), dtype=torch.float32)
+        by_width: dict[int, list[int]] = {}
+        for j in range(batch.n):
+            by_width.setdefault(m + len(batch.after[j]), []).append(j)
+        for width, js in by_width.items():
+            js.sort(key=lambda j: len(batch.before[j]))
+            for start, end in self._chunks([pop * width] * len(js), [len(batch.before[j]) for j in js]):
+                rows = js[start:end]
+                past = kv.take(torch.tensor(rows, device=self.device))
+                seqs = [torch.cat([t for c in range(pop) for t in (prompts[c], embeds[j][1])]) for j in rows]
+                self.stats["forwards"] += 1
+                self.stats["computed_tokens"] += len(rows) * pop * width
+                self.stats["padded_tokens"] += len(rows) * pop * width
+                lp = forward_blocks(self.model, seqs, past, width)[..., label_ids]        # [rows, pop, C]
+                out[:, torch.tensor(rows, device=self.device)] = lp.transpose(0, 1)
+        return out
+
     def _infix_logprobs(self, prompts, batch: EncodedBatch, embeds, kv: KV):
         torch = self.torch
+        if self._packing_ok(batch):
+            return self._packed_logprobs(prompts, batch, embeds, kv)
         pop, m = prompts.shape[:2]
         new_lens = [m + len(a) for a in batch.after]
         past_lens = [len(b) for b in batch.before]
@@ -665,6 +698,18 @@ def plan_chunks(lens: list[int], budget: int, past: list[int] | None = None, ove
         cuts.append((int(back[end]), end))
         end = int(back[end])
     return cuts[::-1]
+
+
+def init_token_ids(tokenizer, vocab_size: int, init: PromptInit) -> np.ndarray:
+    """The token ids whose embeddings are P0 (kinds vocab, text and labels; zeros has none)."""
+    if init.kind == "vocab":
+        rng = np.random.default_rng(init.seed)
+        return rng.choice(min(VOCAB_INIT_RANGE, vocab_size), size=init.tokens, replace=False)
+    # text and labels: embeddings of the words, repeated to fill m rows (as PEFT's TEXT init does)
+    ids = tokenizer(init.text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ConfigError(f"--init {init.spec()!r} tokenizes to nothing; give some words")
+    return np.asarray((ids * (init.tokens // len(ids) + 1))[: init.tokens])
 
 
 def label_token_ids(tokenizer, label_words: list[str]) -> list[int]:

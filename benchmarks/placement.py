@@ -1,0 +1,78 @@
+"""What a black-box call costs by where the prompt sits, and what packing candidates into one row saves.
+
+One *call* is one candidate over a task's training batch (16 shots per class; DBpedia 4), scored by the local
+backend's black-box path on the default model, in one process, after a warm-up that builds the batch's kept
+keys/values (encoded once per study). Modes:
+
+- **infix** — ``Article: {text}\\n<prompt>Topic (...):``: each call recomputes the prompt and the answer cue;
+- **suffix** — ``Article: {text}\\nTopic (...):<prompt>``: each call recomputes only the m prompt tokens;
+- each with **packed** candidates (the default: one row per example, its past keys/values held once, the
+  population's prompts after it as blocks under a block-diagonal mask) and **unpacked** (one row per
+  candidate and example, the past copied for each: bbpt before packing).
+
+``max_abs_diff`` is the largest difference between packed and unpacked label log-probs on the same inputs.
+
+    python benchmarks/placement.py --json > benchmarks/results/placement-2cpu-DATE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", nargs="+", default=["sst2", "yelp", "agnews", "dbpedia"])
+    ap.add_argument("--pop", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=10)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    import torch
+
+    from adapters.hf import HFBackend
+    from bbpt.prompt import PromptInit
+    from bbpt.tasks import load_task
+
+    backend = HFBackend("smollm2-135m", device="cpu")
+    rows = []
+    for name in args.tasks:
+        for placement in ("infix", "suffix"):
+            task = load_task(task=name, shots=4 if name == "dbpedia" else 16, seed=0, prompt_position=placement)
+            batch = backend.encode(task.train, task.template, task.label_words)
+            backend.set_init(PromptInit("text", args.tokens, text=task.init_text))
+            rng = np.random.default_rng(0)
+            d = (rng.standard_normal((args.pop, args.tokens, backend.info().hidden_size)) * 0.01).astype(np.float32)
+            backend.score(d[:2], batch)         # warm-up: keys/values of the inputs, the packing check
+            got = {}
+            for pack in (True, False):
+                backend.pack = pack
+                t0 = time.perf_counter()
+                got[pack] = backend.score(d, batch).logprobs
+                secs = (time.perf_counter() - t0) / args.pop
+                rows.append(dict(task=name, placement=placement, packed=pack, examples=batch.n,
+                                 seconds_per_call=round(secs, 3),
+                                 mean_past_tokens=round(float(np.mean([len(b) for b in batch.before])), 1),
+                                 new_tokens_per_row=args.tokens + round(float(np.mean([len(a) for a in batch.after])), 1)))
+            backend.pack = True
+            rows[-2]["max_abs_diff"] = float(np.abs(got[True] - got[False]).max())
+    out = dict(machine=f"{platform.platform()}; {platform.processor() or platform.machine()}; "
+                       f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)",
+               population=args.pop, prompt_tokens=args.tokens, rows=rows)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return
+    print(out["machine"])
+    print(f"{'task':8} {'placement':9} {'packed':6} {'s/call':>7} {'past':>6} {'new':>5}")
+    for r in rows:
+        print(f"{r['task']:8} {r['placement']:9} {str(r['packed']):6} {r['seconds_per_call']:>7.3f} "
+              f"{r['mean_past_tokens']:>6.0f} {r['new_tokens_per_row']:>5.0f}")
+
+
+if __name__ == "__main__":
+    main()
