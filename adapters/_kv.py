@@ -125,58 +125,6 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, 
     return logprobs, KV(keys, values, mask, mask.sum(-1))
 
 
-def forward_blocks(model, seqs: list, past: KV, width: int):
-    """Several candidates' tokens after one shared past, in one row: each of ``seqs`` (``[blocks × width, D]``)
-    is ``blocks`` sequences of ``width`` tokens, each continuing that row's ``past`` on its own.
-
-    A block-diagonal causal mask keeps the blocks apart (each attends to the past and to itself), and every
-    block's position ids restart where the past ends, so a block scores as if it ran alone after the past;
-    the past's keys/values are held once per row instead of once per candidate. Returns the full-vocabulary
-    log-probs at each block's last token, ``[rows, blocks, V]``. The mask is the model's own kind (boolean for
-    SDPA, additive for eager attention); :func:`packing_works` checks the result once per backend.
-    """
-    import torch
-    from transformers import DynamicCache
-
-    x = torch.stack(seqs)
-    rows, total = x.shape[:2]
-    t = torch.arange(total, device=x.device)
-    own = ((t[:, None] // width) == (t[None, :] // width)) & (t[None, :] <= t[:, None])        # [T, T]
-    allowed = torch.cat([past.mask.bool()[:, None, :].expand(rows, total, -1), own.expand(rows, -1, -1)], -1)
-    if model.config._attn_implementation == "eager":
-        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill_(~allowed, torch.finfo(x.dtype).min)
-    else:
-        mask = allowed
-    positions = past.lengths[:, None] + (t % width)[None, :]
-    cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)), config=model.config)
-    ends = torch.arange(width - 1, total, width, device=x.device)
-    out = model(inputs_embeds=x, attention_mask=mask[:, None], position_ids=positions, **{cache_arg(model): cache},
-                use_cache=True, logits_to_keep=ends)
-    return torch.log_softmax(out.logits.float(), dim=-1)
-
-
-def packing_works(model, width: int, dtype, device) -> str:
-    """Do blocks packed after a shared past (:func:`forward_blocks`) score as each block run alone after it?
-    Returns why not (empty when they do). Random embeddings, two rows with padded pasts, three blocks."""
-    import torch
-
-    try:
-        if model.config._attn_implementation not in ("sdpa", "eager"):
-            return f"attention {model.config._attn_implementation!r} takes no custom mask"
-        g = torch.Generator(device="cpu").manual_seed(1)
-        emb = lambda n: (torch.randn(n, width, generator=g) * 0.02).to(device=device, dtype=dtype)
-        _, kv = forward_last(model, [emb(5), emb(3)], keep=True)
-        blocks = [[emb(4) for _ in range(3)] for _ in range(2)]
-        packed = forward_blocks(model, [torch.cat(b) for b in blocks], kv, 4)
-        alone = torch.stack([forward_last(model, b, past=kv.take(torch.tensor([r] * 3, device=device)))[0]
-                             for r, b in enumerate(blocks)])
-        tol = 1e-3 if dtype == torch.float32 else 5e-2
-        diff = float((packed - alone).abs().max())
-        return "" if diff <= tol else f"packed and separate scores differ by {diff:.2e}"
-    except Exception as e:          # an architecture that rejects a custom mask or tensor logits_to_keep
-        return f"{type(e).__name__}: {e}"
-
-
 def target_logprobs(logits, targets: list):
     """Each row's summed log-prob of its target ``[B, 1]``, from the logits of its last ``max len + 1``
     positions ``[B, K, V]`` (row i's target is its last ``len(targets[i])`` tokens, so the positions before

@@ -35,7 +35,7 @@ import numpy as np
 
 from adapters._base import ModelInfo, PromptSite, ScoreResult
 from adapters._deep import decoder_layers, pick_layers, robust_std
-from adapters._kv import KV, forward_blocks, forward_last, packing_works, reuse_works
+from adapters._kv import KV, forward_last, reuse_works
 from adapters.default_model import resolve_model
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit, TextPrompts
@@ -94,13 +94,12 @@ class HFBackend:
     """A Hugging Face causal LM on this machine. ``model`` is a bbpt model name, a directory or a hub id.
 
     ``reuse_kv=False`` scores every call by whole-sequence forwards (the reference path); ``kv_cache_mb``
-    bounds the keys/values kept across calls; ``compile`` wraps the forward in ``torch.compile`` on CUDA only;
-    ``pack=False`` runs each candidate of an infix or suffix prompt in a row of its own, as before packing.
+    bounds the keys/values kept across calls; ``compile`` wraps the forward in ``torch.compile`` on CUDA only.
     """
 
     def __init__(self, model: str = "smollm2-135m", *, device: str = "auto", dtype: str = "float32",
                  max_batch_tokens: int = 2048, model_obj=None, tokenizer=None, reuse_kv: bool = True,
-                 kv_cache_mb: float = 1024.0, compile: bool = False, pack: bool = True):
+                 kv_cache_mb: float = 1024.0, compile: bool = False):
         import torch
 
         self.torch = torch
@@ -143,8 +142,6 @@ class HFBackend:
         self.kv_cache_bytes = int(kv_cache_mb * 2**20)
         self._kv_checked: str | None = None     # why keys/values cannot be reused ("" when they can)
         self._kv_token_bytes = 0
-        self.pack = pack
-        self._pack_checked: str | None = None   # why candidates cannot share a row ("" when they can)
         self._kv_kept: OrderedDict = OrderedDict()   # id(batch) -> (weakref to it, bytes), oldest use first
         self.stats = {"forwards": 0, "computed_tokens": 0, "padded_tokens": 0}   # what really ran (benchmarks)
         self.p0 = None
@@ -549,47 +546,8 @@ class HFBackend:
             pairs += gpairs
         return self._scatter(torch.cat(rows), pairs, pop, batch)
 
-    def _packing_ok(self, batch: EncodedBatch) -> bool:
-        """Whether this call's candidates can share each example's row (:func:`adapters._kv.forward_blocks`):
-        label scores only (generation reads every target position), no deep offsets, and a model whose
-        attention passed the check, run once per backend."""
-        if not self.pack or batch.targets is not None or self._deep_modules:
-            return False
-        if self._pack_checked is None:
-            self._pack_checked = packing_works(self.model, self._info.hidden_size, self.dtype, self.device)
-            if self._pack_checked:
-                log.info("candidates of %s are scored one row each (%s)", self.name, self._pack_checked)
-        return not self._pack_checked
-
-    def _packed_logprobs(self, prompts, batch: EncodedBatch, embeds, kv: KV):
-        """``[pop, n, C]`` with one row per example: its past held once, every candidate's prompt and cue
-        after it as blocks. Infix calls recompute what follows the prompt for each candidate either way; what
-        packing saves is copying each example's past keys/values once per candidate, and the small
-        matrix products of forwards that long pasts leave only a few rows each (Yelp, DBpedia)."""
-        torch = self.torch
-        pop, m = prompts.shape[:2]
-        label_ids = torch.tensor(batch.label_ids, device=self.device)
-        out = prompts.new_zeros(pop, batch.n, len(batch.label_ids), dtype=torch.float32)
-        by_width: dict[int, list[int]] = {}
-        for j in range(batch.n):
-            by_width.setdefault(m + len(batch.after[j]), []).append(j)
-        for width, js in by_width.items():
-            js.sort(key=lambda j: len(batch.before[j]))
-            for start, end in self._chunks([pop * width] * len(js), [len(batch.before[j]) for j in js]):
-                rows = js[start:end]
-                past = kv.take(torch.tensor(rows, device=self.device))
-                seqs = [torch.cat([t for c in range(pop) for t in (prompts[c], embeds[j][1])]) for j in rows]
-                self.stats["forwards"] += 1
-                self.stats["computed_tokens"] += len(rows) * pop * width
-                self.stats["padded_tokens"] += len(rows) * pop * width
-                lp = forward_blocks(self.model, seqs, past, width)[..., label_ids]        # [rows, pop, C]
-                out[:, torch.tensor(rows, device=self.device)] = lp.transpose(0, 1)
-        return out
-
     def _infix_logprobs(self, prompts, batch: EncodedBatch, embeds, kv: KV):
         torch = self.torch
-        if self._packing_ok(batch):
-            return self._packed_logprobs(prompts, batch, embeds, kv)
         pop, m = prompts.shape[:2]
         new_lens = [m + len(a) for a in batch.after]
         past_lens = [len(b) for b in batch.before]

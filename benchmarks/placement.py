@@ -1,16 +1,15 @@
-"""What a black-box call costs by where the prompt sits, and what packing candidates into one row saves.
+"""What a black-box call costs by where the prompt sits: infix (before the answer cue) or suffix (after it).
 
 One *call* is one candidate over a task's training batch (16 shots per class; DBpedia 4), scored by the local
 backend's black-box path on the default model, in one process, after a warm-up that builds the batch's kept
 keys/values (encoded once per study). Modes:
 
 - **infix** — ``Article: {text}\\n<prompt>Topic (...):``: each call recomputes the prompt and the answer cue;
-- **suffix** — ``Article: {text}\\nTopic (...):<prompt>``: each call recomputes only the m prompt tokens;
-- each with **packed** candidates (the default: one row per example, its past keys/values held once, the
-  population's prompts after it as blocks under a block-diagonal mask) and **unpacked** (one row per
-  candidate and example, the past copied for each: bbpt before packing).
+- **suffix** — ``Article: {text}\\nTopic (...):<prompt>``: each call recomputes only the m prompt tokens.
 
-``max_abs_diff`` is the largest difference between packed and unpacked label log-probs on the same inputs.
+(Commit 5f37ccd also measured candidates packed into one row per example over a shared past, with a
+block-diagonal mask: no faster where it mattered, and reverted; its numbers are in
+benchmarks/results/placement-2cpu-2026-12-02.json.)
 
     python benchmarks/placement.py --json > benchmarks/results/placement-2cpu-DATE.json
 """
@@ -48,19 +47,13 @@ def main() -> None:
             backend.set_init(PromptInit("text", args.tokens, text=task.init_text))
             rng = np.random.default_rng(0)
             d = (rng.standard_normal((args.pop, args.tokens, backend.info().hidden_size)) * 0.01).astype(np.float32)
-            backend.score(d[:2], batch)         # warm-up: keys/values of the inputs, the packing check
-            got = {}
-            for pack in (True, False):
-                backend.pack = pack
-                t0 = time.perf_counter()
-                got[pack] = backend.score(d, batch).logprobs
-                secs = (time.perf_counter() - t0) / args.pop
-                rows.append(dict(task=name, placement=placement, packed=pack, examples=batch.n,
-                                 seconds_per_call=round(secs, 3),
-                                 mean_past_tokens=round(float(np.mean([len(b) for b in batch.before])), 1),
-                                 new_tokens_per_row=args.tokens + round(float(np.mean([len(a) for a in batch.after])), 1)))
-            backend.pack = True
-            rows[-2]["max_abs_diff"] = float(np.abs(got[True] - got[False]).max())
+            backend.score(d[:2], batch)         # warm-up: keys/values of the inputs
+            t0 = time.perf_counter()
+            backend.score(d, batch)
+            rows.append(dict(task=name, placement=placement, examples=batch.n,
+                             seconds_per_call=round((time.perf_counter() - t0) / args.pop, 3),
+                             mean_past_tokens=round(float(np.mean([len(b) for b in batch.before])), 1),
+                             new_tokens_per_row=args.tokens + round(float(np.mean([len(a) for a in batch.after])), 1)))
     out = dict(machine=f"{platform.platform()}; {platform.processor() or platform.machine()}; "
                        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)",
                population=args.pop, prompt_tokens=args.tokens, rows=rows)
@@ -68,9 +61,9 @@ def main() -> None:
         print(json.dumps(out, indent=1))
         return
     print(out["machine"])
-    print(f"{'task':8} {'placement':9} {'packed':6} {'s/call':>7} {'past':>6} {'new':>5}")
+    print(f"{'task':8} {'placement':9} {'s/call':>7} {'past':>6} {'new':>5}")
     for r in rows:
-        print(f"{r['task']:8} {r['placement']:9} {str(r['packed']):6} {r['seconds_per_call']:>7.3f} "
+        print(f"{r['task']:8} {r['placement']:9} {r['seconds_per_call']:>7.3f} "
               f"{r['mean_past_tokens']:>6.0f} {r['new_tokens_per_row']:>5.0f}")
 
 

@@ -78,37 +78,6 @@ def test_cached_scores_equal_whole_sequence_forwards(backend, name):
     assert first.tokens == b.score(d[:1], batch).tokens * len(d)
 
 
-@pytest.mark.parametrize("name", ["infix", "infix, pair after the prompt", "suffix"])
-def test_candidates_packed_in_one_row_score_as_each_in_its_own(backend, name):
-    # Packing puts every candidate's prompt (and cue) after an example's past in one row, kept apart by a
-    # block-diagonal mask; the pair template gives examples cues of different lengths (packed by width).
-    b = backend
-    b.set_init(PromptInit("vocab", 3, seed=4))
-    batch = b.encode(examples(), Template(TEMPLATES[name]), LABELS)
-    d = deltas(b, pop=5, seed=3)
-    b.max_batch_tokens = 40          # several packed forwards, with padding in their pasts
-    packed = b.score(d, batch).logprobs
-    assert b._pack_checked == ""
-    b.pack = False
-    np.testing.assert_allclose(packed, b.score(d, batch).logprobs, atol=1e-5)
-    np.testing.assert_allclose(packed, uncached(b, d, batch), atol=1e-4)
-
-
-@pytest.mark.slow
-def test_packing_on_the_default_model_changes_no_score(real_backend):
-    b = real_backend
-    task = load_task(task="agnews", shots=2, prompt_position="infix")
-    batch = b.encode(task.train, task.template, task.label_words)
-    b.set_init(PromptInit("text", 10, text=task.init_text))
-    d = np.random.default_rng(0).normal(scale=0.01, size=(6, 10, b.info().hidden_size)).astype(np.float32)
-    try:
-        packed = b.score(d, batch).logprobs
-        b.pack = False
-        np.testing.assert_allclose(packed, b.score(d, batch).logprobs, atol=2e-4)
-    finally:
-        b.pack = True
-
-
 def test_infix_matches_a_plain_unpadded_forward(backend):
     """An independent reference: the model on one example's full embedding sequence, nothing batched."""
     b = backend
