@@ -26,6 +26,8 @@ EPILOG = """examples:
   bbpt compare sst2-cma sst2-backprop --target 0.8 --plot compare.png
   bbpt export sst2-cma --format peft --out peft_prompt/
   bbpt study run studies/sst2_gradient_vs_dfo.toml && bbpt study report studies/sst2_gradient_vs_dfo.toml
+  bbpt dashboard --spec studies/bbt_suite.toml          # http://127.0.0.1:8080
+  bbpt inspect runs/<study>
   bbpt serve --model smollm2-135m --port 8000 --api-key KEY
   bbpt optimize --backend api --endpoint http://127.0.0.1:8000 --api-key KEY --task sst2
   bbpt optimize --backend openai --endpoint http://127.0.0.1:8080/v1 --task sst2 --space discrete --budget 200
@@ -372,6 +374,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(p, default_task=None)
 
     sub.add_parser("optimizers", help="list optimizer names, Nevergrad's registry included")
+
+    p = sub.add_parser("dashboard", help="a web view of the studies in a storage, live while they run",
+                       formatter_class=fmt, description="Serve a read-only web view of a storage: every study "
+                       "(state, calls / budget, best train loss, dev, test), one study's curves against calls, "
+                       "seconds or tokens with its paged trial table and its prompt's card, and a comparison of "
+                       "studies or of a spec's arms (mean and band over seeds, as `bbpt study report` draws "
+                       "them). Pages update by themselves while studies run; the view never writes to or locks "
+                       "the storage. Needs the ui extra: pip install -e \".[ui]\"")
+    _add_storage_args(p)
+    p.add_argument("--spec", metavar="SPEC.toml", help="a study spec: adds its compare pages (one per task), "
+                   "and reads its storage unless --storage is given")
+    p.add_argument("--runs", metavar="DIR", help="where the studies saved their prompts, for the prompt card "
+                   "(default: the spec's runs folder, or the path each study recorded)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; loopback unless you mean otherwise")
+    p.add_argument("--port", type=int, default=8080)
+
+    p = sub.add_parser("inspect", help="describe a saved prompt: nearest tokens, norms, drift, scores",
+                       formatter_class=fmt, description="The prompt card of a saved prompt (the folder `bbpt "
+                       "optimize` printed): for a soft prompt, each virtual token's nearest vocabulary tokens by "
+                       "cosine, its norm against the vocabulary's embedding norms, its drift from P0 (|P - P0| / "
+                       "|P0|), and the nearest-token hard prompt; for a discrete prompt, its text; with the dev "
+                       "score that selected it and the test score, which selection never read.")
+    p.add_argument("prompt", metavar="DIR", help="a saved prompt folder, e.g. runs/<study>")
+    p.add_argument("--json", action="store_true", help="print the card as JSON")
+    p.add_argument("--score-hard", action="store_true", help="also score the nearest-token hard prompt on dev "
+                   "(one pass over dev: loads the model)")
+    p.add_argument("--device", default="auto", help="for --score-hard: cpu, cuda, cuda:N or auto")
 
     _add_study_parser(sub)
 

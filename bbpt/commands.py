@@ -407,3 +407,40 @@ def cmd_serve(args) -> int:
     uvicorn.run(app, host=args.host, port=args.port, limit_concurrency=args.max_connections,
                 log_level="warning" if args.quiet else "info")
     return 0
+
+
+def cmd_dashboard(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import plotly  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ConfigError(f"bbpt dashboard needs the ui extra ({e.name} is missing): pip install -e \".[ui]\"") from None
+    from bbpt.dashboard.app import create_app
+
+    spec = None
+    if args.spec:
+        from bbpt.studyspec.spec import load_spec
+
+        spec = load_spec(args.spec)
+    url = spec.storage_url(args.storage) if spec else args.storage
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("dashboard on %s: anyone who can reach this port can read every study in the storage", args.host)
+    app = create_app(url, spec=spec, runs_dir=args.runs)
+    print(f"bbpt dashboard of {url or 'the default storage'}: http://{args.host}:{args.port}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from bbpt.prompt import SavedPrompt
+    from bbpt.promptcard import Vocabulary, card, format_card, score_hard_prompt
+
+    saved = SavedPrompt.load(args.prompt)
+    c = card(saved, None if saved.text is not None else Vocabulary.load(saved.meta["model"]))
+    if args.score_hard:
+        if c["kind"] != "soft":
+            raise ConfigError(f"{args.prompt} is a discrete prompt: it is its own hard prompt (drop --score-hard)")
+        c["hard_prompt_dev"] = score_hard_prompt(args.prompt, c, device=args.device)
+    print(json.dumps(c, indent=2) if args.json else format_card(c))
+    return 0

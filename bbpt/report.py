@@ -41,6 +41,8 @@ class StudyReport:
     test_calls: np.ndarray = field(default_factory=lambda: np.array([]))
     test_seconds: np.ndarray = field(default_factory=lambda: np.array([]))
     test_scores: np.ndarray = field(default_factory=lambda: np.array([]))
+    cum_tokens: np.ndarray = field(default_factory=lambda: np.array([]))     # cumulative, after each trial
+    losses: np.ndarray = field(default_factory=lambda: np.array([]))         # each trial's train loss, as scored
 
     @property
     def dev_tied(self) -> bool:
@@ -57,7 +59,7 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
     """A study's curves and selected scores from storage; ``metric`` (accuracy or f1) is what the dev curve
     and the dev/test scores report."""
     row = storage.require_study(name)
-    trials = storage.trials(row.id)
+    trials = storage.trials(row.id, with_z=False)
     evals = storage.evaluations(row.id)
     # Evaluations of trial None are the manual prompt, not a point on the search's curve; P0's dev score
     # (trial -1, written only with keep_start) is its first point: the prompt kept until a trial beats it.
@@ -78,7 +80,8 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
         # a mini-batch trial's loss is on part of the training set: the curve follows whole-set losses only
         best_loss=np.fmin.accumulate([np.nan if "batch" in t.metrics else t.loss for t in trials])
         if trials else np.array([]),
-        tokens=sum(t.tokens for t in trials),
+        tokens=sum(t.tokens for t in trials), cum_tokens=np.cumsum([t.tokens for t in trials]),
+        losses=np.array([t.loss for t in trials]),
         dev_calls=np.array([e.calls_at for e in dev]), dev_seconds=np.array([e.seconds_at for e in dev]),
         best_dev=np.maximum.accumulate(dev_scores) if dev else dev_scores,
         dev=score.get((selected, "dev")), test=score.get((selected, "test")), dev_scores=dev_scores,
@@ -86,22 +89,35 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
         test_scores=np.array([score[(e.trial_number, "test")] for e in kept]))
 
 
-def format_table(reports: list[StudyReport], target: float | None = None) -> str:
-    head = (f"{'study':28} {'optimizer':18} {'state':9} {'calls':>6} {'tokens':>11} {'seconds':>8} "
-            f"{'best loss':>9} {'dev':>6} {'test':>6}")
+COMPARE_COLUMNS = ("study", "optimizer", "state", "calls", "tokens", "seconds", "best loss", "dev", "test")
+
+
+def table_rows(reports: list[StudyReport], target: float | None = None) -> tuple[list[str], list[list[str]]]:
+    """``bbpt compare``'s table as (header, rows of formatted cells): the terminal and the dashboard print it."""
+    head = list(COMPARE_COLUMNS)
     if target is not None:
-        head += f" {'calls@' + format(target, 'g'):>9} {'s@' + format(target, 'g'):>8}"
-    lines = [head]
+        head += ["calls@" + format(target, "g"), "s@" + format(target, "g")]
+    rows = []
     for r in reports:
         last = lambda a, fmt: format(a[-1], fmt) if len(a) else "-"
         opt = lambda v: f"{v:.4f}" if v is not None else "-"
-        line = (f"{r.name:28} {r.optimizer:18} {r.state:9} {last(r.calls, 'd'):>6} {r.tokens:>11,} "
-                f"{last(r.seconds, '.1f'):>8} {last(r.best_loss, '.4f'):>9} {opt(r.dev):>6} {opt(r.test):>6}")
+        row = [r.name, r.optimizer, r.state, last(r.calls, "d"), f"{r.tokens:,}", last(r.seconds, ".1f"),
+               last(r.best_loss, ".4f"), opt(r.dev), opt(r.test)]
         if target is not None:
             hit = r.reach(target)
-            line += f" {hit[0] if hit else 'never':>9} {f'{hit[1]:.1f}' if hit else '-':>8}"
-        lines.append(line)
-    return "\n".join(lines)
+            row += [str(hit[0]) if hit else "never", f"{hit[1]:.1f}" if hit else "-"]
+        rows.append(row)
+    return head, rows
+
+
+def format_table(reports: list[StudyReport], target: float | None = None) -> str:
+    head, rows = table_rows(reports, target)
+    widths = [28, 18, 9, 6, 11, 8, 9, 6, 6, 9, 8]
+    left = {0, 1, 2}
+
+    def line(cells):
+        return " ".join(f"{c:{'<' if i in left else '>'}{widths[i]}}" for i, c in enumerate(cells))
+    return "\n".join(line(c) for c in [head, *rows])
 
 
 def figure(reports: list[StudyReport], target: float | None = None):
@@ -162,6 +178,19 @@ def _read_steps(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return np.where(idx >= 0, y[np.clip(idx, 0, None)], np.nan)
 
 
+def band(reports: list[StudyReport], curve=None, axis: str = "calls"):
+    """One arm's band over its studies (seeds): ``(grid, mean, min, max)`` of ``curve`` (:func:`dev_curve` or
+    :func:`test_curve`) against ``axis``, read on the union of the studies' points. The report's plots and the
+    dashboard's compare page both draw this, so the two show the same numbers."""
+    curves = [(curve or dev_curve)(r, axis) for r in reports]
+    # Start where every seed has its first point: a mean over the seeds that happen to have one would jump
+    # when a slower seed joins.
+    grid = np.unique(np.concatenate([x for x, _ in curves]))
+    grid = grid[grid >= max(x[0] for x, _ in curves)]
+    ys = np.array([_read_steps(x, y, grid) for x, y in curves])
+    return grid, np.nanmean(ys, 0), np.nanmin(ys, 0), np.nanmax(ys, 0)
+
+
 def band_figure(arms: list[tuple[str, list[StudyReport]]], *, levels: list[tuple[str, float]] = (),
                 test_levels: list[tuple[str, float]] = (), metric: str = METRIC, title: str = ""):
     """Best-so-far dev ``metric`` against calls and against seconds, one band per arm: the mean over its
@@ -182,16 +211,9 @@ def band_figure(arms: list[tuple[str, list[StudyReport]]], *, levels: list[tuple
             if not reports:
                 continue
             for ax, axis in zip(row_axes, ("calls", "seconds")):
-                curves = [curve(r, axis) for r in reports]
-                # Start where every seed has its first point: a mean over the seeds that happen to have one
-                # would jump when a slower seed joins.
-                grid = np.unique(np.concatenate([x for x, _ in curves]))
-                grid = grid[grid >= max(x[0] for x, _ in curves)]
-                ys = np.array([_read_steps(x, y, grid) for x, y in curves])
-                ax.step(grid, np.nanmean(ys, 0), where="post", color=f"C{i % 10}",
-                        label=f"{label} ({len(reports)})")
-                ax.fill_between(grid, np.nanmin(ys, 0), np.nanmax(ys, 0), step="post", color=f"C{i % 10}",
-                                alpha=0.12, linewidth=0)
+                grid, mean, lo, hi = band(reports, curve, axis)
+                ax.step(grid, mean, where="post", color=f"C{i % 10}", label=f"{label} ({len(reports)})")
+                ax.fill_between(grid, lo, hi, step="post", color=f"C{i % 10}", alpha=0.12, linewidth=0)
         for k, (label, value) in enumerate(flat):
             for ax in row_axes:
                 ax.axhline(value, color=f"C{(len(arms) + k) % 10}", linestyle="--", linewidth=1, label=label)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, delete, event, func, inspect, select, update
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, defer, sessionmaker
 
 from bbpt.errors import StorageError, StudyError
 from bbpt.storage.models import (SCHEMA_VERSION, Base, CheckpointRow, EvaluationRow, RequestCacheRow, SchemaVersion,
@@ -48,25 +48,37 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def _sqlite_read_only(dbapi_conn, _record) -> None:
+    # A viewer's connection: no journal-mode change (that is a write), and SQLite itself refuses any write.
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA query_only=ON")
+    cur.close()
+
+
 class Storage:
     """``create=False`` is for commands that only read or delete: a mistyped --storage then fails with a
-    message instead of silently creating an empty database."""
+    message instead of silently creating an empty database. ``read_only=True`` (the dashboard) also makes the
+    database refuse writes on every connection, so a viewer can never change or lock what a study writes."""
 
-    def __init__(self, url: str | None = None, *, create: bool = True):
+    def __init__(self, url: str | None = None, *, create: bool = True, read_only: bool = False):
         self.url = url or default_url()
+        self.read_only = read_only
+        create = create and not read_only
         sqlite = self.url.startswith("sqlite")
         # Whether opening this storage creates its SQLite file: a run refused before its first write removes it.
         self.new_file = self.file is not None and not self.file.exists()
         if sqlite:
             self._check_sqlite_path(create)
+        connect_args = {"timeout": 60} if sqlite else {}
+        if read_only and self.url.startswith("postgresql"):
+            connect_args["options"] = "-c default_transaction_read_only=on"
         try:
-            self.engine = create_engine(self.url, connect_args={"timeout": 60} if sqlite else {},
-                                        pool_pre_ping=not sqlite)
+            self.engine = create_engine(self.url, connect_args=connect_args, pool_pre_ping=not sqlite)
         except Exception as e:  # bad URL, missing driver
             raise StorageError(f"cannot open storage {self.url!r}: {e}; use a SQLAlchemy URL such as "
                                "sqlite:///bbpt.db or postgresql://user@host/db") from None
         if sqlite:
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "connect", _sqlite_read_only if read_only else _sqlite_pragmas)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._init_schema(create)
 
@@ -242,9 +254,14 @@ class Storage:
             return s.scalar(select(CheckpointRow).where(CheckpointRow.study_id == study_id)
                             .order_by(CheckpointRow.generation.desc()).limit(1))
 
-    def trials(self, study_id: int) -> list[TrialRow]:
+    def trials(self, study_id: int, *, with_z: bool = True) -> list[TrialRow]:
+        """A study's trials in order; ``with_z=False`` leaves the parameter vectors in the database (reports
+        read losses and costs only, and z is most of a trial's bytes: 2 kB at d = 500)."""
+        query = select(TrialRow).where(TrialRow.study_id == study_id).order_by(TrialRow.number)
+        if not with_z:
+            query = query.options(defer(TrialRow.z, raiseload=True))
         with self.session() as s:
-            return list(s.scalars(select(TrialRow).where(TrialRow.study_id == study_id).order_by(TrialRow.number)))
+            return list(s.scalars(query))
 
     def trial(self, study_id: int, number: int) -> TrialRow | None:
         with self.session() as s:

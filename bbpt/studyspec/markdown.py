@@ -37,13 +37,7 @@ def write_report(spec: StudySpec, *, storage_url: str | None = None, out: str | 
         raise StorageError(f"{e}; for a study spec, run `bbpt study run {spec_arg or spec.path}` first") from None
     out = Path(out) if out else spec.results_dir / f"{spec.name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = {p.name: storage.get_study(p.name) for p in spec.plan}
-    cells: dict[tuple[str, str], list[tuple[StudyReport, dict]]] = {}
-    for p in spec.plan:
-        row = rows[p.name]
-        if row is not None and row.state == "complete" and row.summary:
-            rep = gather(storage, p.name, row.summary["metric"])
-            cells.setdefault((p.task, p.arm.name), []).append((rep, row.summary))
+    rows, cells = spec_cells(spec, storage)
     lines = _header(spec, storage_url, spec_arg, [r for r in rows.values() if r is not None], cells)
     for task in spec.tasks:
         lines += _task_section(spec, task, cells, out)
@@ -96,11 +90,24 @@ def _header(spec: StudySpec, storage_url, spec_arg, rows, cells) -> list[str]:
     return lines + [""]
 
 
-def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
+def spec_cells(spec: StudySpec, storage: Storage):
+    """The spec's stored study rows by name (None where not started), and its complete studies' reports and
+    summaries by (task, arm): what the report (and the dashboard's compare page) is built from."""
+    rows = {p.name: storage.get_study(p.name) for p in spec.plan}
+    cells: dict[tuple[str, str], list[tuple[StudyReport, dict]]] = {}
+    for p in spec.plan:
+        row = rows[p.name]
+        if row is not None and row.state == "complete" and row.summary:
+            rep = gather(storage, p.name, row.summary["metric"])
+            cells.setdefault((p.task, p.arm.name), []).append((rep, row.summary))
+    return rows, cells
+
+
+def task_table(spec: StudySpec, task: str, cells) -> tuple[list[str], list[list[str]]]:
+    """A classification task's table (header, rows of cells as printed): one row per arm, mean ± std over
+    seeds of dev and test, calls, tokens, seconds, and calls to reach the reference arm's dev score."""
     from bbpt.tasks.builtin import CLASSIFICATION
 
-    if task not in CLASSIFICATION:
-        return _generation_section(spec, task, cells, out)
     metric = CLASSIFICATION[task].metric
     name = "macro-F1" if metric == "f1" else "accuracy"
     ref = cells.get((task, spec.reference), []) if spec.reference else []
@@ -108,7 +115,7 @@ def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
     head = ["arm", "optimizer", "seeds", f"dev {name}", f"test {name}", "calls", "tokens", "seconds"]
     if target is not None:
         head.append(f"calls to reach dev {100 * target:.1f} ({spec.reference})")
-    lines = _table_head(spec, task, head)
+    rows = []
     for arm in spec.arms:
         got = cells.get((task, arm.name), [])
         row = [arm.name, arm.optimizer, f"{len(got)}/{len(spec.seeds)}"]
@@ -121,8 +128,19 @@ def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
                 row.append(_reach(reports, target) if arm.tuned else "-")
         else:
             row += ["-"] * (len(head) - 3)
-        lines.append("| " + " | ".join(row) + " |")
-    lines.append("")
+        rows.append(row)
+    return head, rows
+
+
+def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
+    from bbpt.tasks.builtin import CLASSIFICATION
+
+    if task not in CLASSIFICATION:
+        return _generation_section(spec, task, cells, out)
+    metric = CLASSIFICATION[task].metric
+    name = "macro-F1" if metric == "f1" else "accuracy"
+    head, rows = task_table(spec, task, cells)
+    lines = _table_head(spec, task, head) + ["| " + " | ".join(row) + " |" for row in rows] + [""]
     png = _plot(spec, task, cells, metric, out)
     if png:
         lines += [f"![best-so-far dev {name} on {task}, against calls and seconds]({png.name})", ""]
