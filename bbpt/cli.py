@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", metavar="DIR", help="where the studies saved their prompts, for the prompt card "
                    "(default: the spec's runs folder, or the path each study recorded)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; loopback unless you mean otherwise")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
 
     p = sub.add_parser("inspect", help="describe a saved prompt: nearest tokens, norms, drift, scores",
                        formatter_class=fmt, description="The prompt card of a saved prompt (the folder `bbpt "

@@ -3,17 +3,14 @@ a writer in another process, and ``bbpt dashboard`` in a subprocess on a free lo
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from bbpt.storage import Storage
-from serve_helpers import free_port
+from serve_helpers import ServerProcess
 
 CONFIG = dict(task="sst2", optimizer="cma", budget=100000, dev_ties="earliest", space="projected")
 
@@ -69,45 +66,14 @@ def start_writer(url: str, name: str, generations: int, pause: float) -> subproc
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-class DashboardProcess:
-    """``bbpt dashboard`` in a subprocess on a free loopback port."""
+class DashboardProcess(ServerProcess):
+    """``bbpt dashboard`` in a subprocess on a free loopback port (started, logged and stopped as a server)."""
+
+    HEALTH = "/api/version"
 
     def __init__(self, *args: str, log_dir: Path):
-        self.port = free_port()
-        self.args = list(args)
+        super().__init__("", log_dir, *args)
         self.log_path = Path(log_dir) / f"dashboard-{self.port}.log"
-        self.proc = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60) -> "DashboardProcess":
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "bbpt.cli", "dashboard", "--port", str(self.port),
-                                          *self.args], stdout=log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"bbpt dashboard exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/api/version", timeout=1).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"bbpt dashboard did not come up in {timeout} s:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bbpt.cli", "dashboard", "--port", str(self.port), *self.args]

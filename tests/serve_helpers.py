@@ -38,24 +38,29 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    HEALTH = "/health"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bbpt.cli", "serve", "--model", self.model, "--device", "cpu", "--threads", "1",
+                "--port", str(self.port), *self.args]
+
     def start(self, timeout: float = 120) -> "ServerProcess":
         env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        cmd = [sys.executable, "-m", "bbpt.cli", "serve", "--model", self.model, "--device", "cpu", "--threads", "1",
-               "--port", str(self.port), *self.args]
+        cmd = self.command()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"bbpt serve exited with {self.proc.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{' '.join(cmd[2:5])} exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + self.HEALTH, timeout=1).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"bbpt serve did not come up in {timeout} s:\n{self.log()}")
+        raise RuntimeError(f"{' '.join(cmd[2:5])} did not come up in {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
