@@ -4,7 +4,6 @@ each subcommand imports what it needs."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
