@@ -51,8 +51,9 @@ def create_app(storage_url: str, *, spec=None, runs_dir: str | None = None, devi
     vocab_lock = threading.Lock()
     vocab: dict[str, object] = {}
 
+    shell = (STATIC / "page.html").read_text()          # read once: every page is this shell
+
     def page(kind: str, title: str, **params) -> HTMLResponse:
-        shell = (STATIC / "page.html").read_text()
         attrs = json.dumps(dict(page=kind, poll=POLL_MS, spec=spec.name if spec else None,
                                 tasks=spec.tasks if spec else [], **params))
         # plotly.js is 4.8 MB to parse: only the pages that draw load it

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import func, select
 
+from bbpt.errors import ConfigError
 from bbpt.report import StudyReport, band, dev_curve, gather, table_rows, test_curve
 from bbpt.storage import CheckpointRow, EvaluationRow, Storage, StudyRow, TrialRow
 
@@ -161,8 +162,6 @@ def compare_spec(storage: Storage, spec, task: str) -> dict:
     from bbpt.studyspec.markdown import spec_cells, task_table
 
     if task not in spec.tasks:
-        from bbpt.errors import ConfigError
-
         raise ConfigError(f"task {task!r} is not in spec {spec.name!r}; its tasks are {spec.tasks}")
     _, cells = spec_cells(spec, storage)
     head, rows = task_table(spec, task, cells)
