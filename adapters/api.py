@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters._base import ModelInfo, PromptSite, ScoreResult
-from adapters.http_client import HttpClient, root_url, served_model
+from adapters.http_client import served_model
+from adapters.http_pool import EndpointPool, endpoint_urls
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit
 from bbpt.wire import WIRE_DTYPES, init_spec, read_score_response, score_request
@@ -46,16 +47,33 @@ class ApiBackend:
         if dtype not in WIRE_DTYPES:
             raise ConfigError(f"--dtype {dtype!r} cannot travel to bbpt serve; use one of {sorted(WIRE_DTYPES)}")
         self.wire_dtype = dtype
-        self.http = HttpClient(root_url(endpoint), api_key=api_key, max_concurrency=max_concurrency)
+        self.http = EndpointPool(endpoint_urls(endpoint), api_key=api_key, max_concurrency=max_concurrency)
         card = served_model(self.http, [model] if model else [], allow_single=not model)
+        self._check_same_model(card)
         self.limits = card.get("limits") or {}
         self._info = ModelInfo(name=card["id"], hidden_size=int(card["hidden_size"]), embed_std=float(card["embed_std"]),
                                vocab_size=int(card["vocab_size"]), gradients=False,
                                max_batch=int(self.limits.get("max_candidates", 64)),
-                               extra={"endpoint": self.http.base_url, "limits": self.limits},
+                               extra={"endpoint": self.http.base_url, "endpoints": self.http.urls,
+                                      "limits": self.limits},
                                depths=tuple(card.get("depths") or ("input",)))   # a server before deep prompts: input
         self.init: PromptInit | None = None
         self._site: PromptSite | None = None
+
+    def _check_same_model(self, card: dict) -> None:
+        """Several endpoints must serve one model with one set of limits, or their scores would not mix."""
+        if len(self.http.urls) == 1:
+            return
+        for reply in self.http.each("/v1/models"):
+            other = next((c for c in reply.body.get("data") or [] if c.get("id") == card["id"]), None)
+            if other is None:
+                raise ConfigError(f"{reply.endpoint} does not serve {card['id']!r} as {self.http.urls[0]} does; "
+                                  "every --endpoint must serve the same model")
+            for key in ("hidden_size", "vocab_size", "embed_std", "limits"):
+                if other.get(key) != card.get(key):
+                    raise ConfigError(f"{reply.endpoint} serves {card['id']!r} with {key} {other.get(key)!r}, "
+                                      f"{self.http.urls[0]} with {card.get(key)!r}; start every server with the "
+                                      "same model and limits")
 
     def info(self) -> ModelInfo:
         return self._info
@@ -104,6 +122,10 @@ class ApiBackend:
                     init=self.init, deltas=None if deltas is None else deltas[c0:c0 + cand_step],
                     dtype=self.wire_dtype))
         replies = self.http.post_many("/v1/score", payloads)
+        served_by: list[set[str]] = [set() for _ in range(pop)]     # several endpoints: who scored each prompt
+        for (c0, _), r in zip(slots, replies):
+            for c in range(c0, min(c0 + cand_step, pop)):
+                served_by[c].add(r.endpoint)
         shape = (pop, batch.n) if batch.generation else (pop, batch.n, len(batch.label_words))
         out = np.empty(shape, np.float32)
         tokens, target_tokens = 0, np.zeros(batch.n, np.int64)
@@ -125,12 +147,19 @@ class ApiBackend:
         return ScoreResult(logprobs=out, tokens=tokens,
                            bytes_sent=sum(r.bytes_sent for r in replies),
                            bytes_received=sum(r.bytes_received for r in replies),
-                           target_tokens=target_tokens if batch.generation else None)
+                           target_tokens=target_tokens if batch.generation else None,
+                           per_prompt=[{"endpoint": ",".join(sorted(e))} for e in served_by]
+                           if len(self.http.urls) > 1 else None)
 
     def _steps(self, deltas, batch: ApiBatch) -> tuple[int, int]:
         """Candidates and examples per request, within the server's count and body-size limits."""
         ex_step = int(self.limits.get("max_examples", batch.n)) or batch.n
         cand_step = int(self.limits.get("max_candidates", 64))
+        servers = len(self.http.alive)     # at least one request per live server, so they all work
+        if deltas is None or len(deltas) == 1:
+            ex_step = min(ex_step, -(-batch.n // servers))
+        else:
+            cand_step = min(cand_step, -(-len(deltas) // servers))
         if deltas is not None:
             text_bytes = len(json.dumps(batch.examples[:ex_step]))
             per_cand = deltas[0].size * np.dtype(WIRE_DTYPES[self.wire_dtype]).itemsize * 4 // 3 + 4

@@ -58,6 +58,7 @@ class Reply:
     bytes_received: int
     attempts: int
     seconds: float = 0.0          # from the first attempt to the answer, backoff included
+    endpoint: str = ""            # which server answered (set by an EndpointPool)
 
 
 class HttpStatusError(BackendError):
@@ -213,6 +214,9 @@ class HttpClient:
 
 def root_url(endpoint: str | None, flag: str = "--endpoint") -> str:
     """The server's root URL; ``http://host:8000`` and ``http://host:8000/v1`` both name it."""
+    if endpoint and "," in endpoint:
+        raise ConfigError(f"{flag} {endpoint!r} names several servers; only --backend api spreads a study over "
+                          "several endpoints, this backend takes one URL")
     if not endpoint or not endpoint.startswith(("http://", "https://")):
         raise ConfigError(f"{flag} {endpoint!r} is not an http(s) URL; pass e.g. {flag} http://127.0.0.1:8000")
     url = endpoint.rstrip("/")

@@ -29,6 +29,7 @@ EPILOG = """examples:
   bbpt inspect runs/<study>
   bbpt serve --model smollm2-135m --port 8000 --api-key KEY
   bbpt optimize --backend api --endpoint http://127.0.0.1:8000 --api-key KEY --task sst2
+  bbpt optimize --backend api --endpoint http://gpu1:8000,http://gpu2:8000 --task sst2   # one population, 2 servers
   bbpt optimize --backend openai --endpoint http://127.0.0.1:8080/v1 --task sst2 --space discrete --budget 200
   bbpt eval --prompt runs/<study> --backend openai --endpoint http://127.0.0.1:8080/v1 --split test
 """
@@ -87,7 +88,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "serve), vllm (an OpenAI-compatible server taking prompt_embeds; needs --model's files locally), "
                    "openai (any OpenAI-compatible text API with log-probs; tunes discrete prompts: --space discrete "
                    "or vocab)")
-    g.add_argument("--endpoint", help="server URL for remote backends, e.g. http://127.0.0.1:8000")
+    g.add_argument("--endpoint", help="server URL for remote backends, e.g. http://127.0.0.1:8000; for --backend "
+                   "api, several comma-separated servers of one model share each population "
+                   "(http://gpu1:8000,http://gpu2:8000)")
     g.add_argument("--api-key", default=os.environ.get("BBPT_API_KEY"), help="bearer key for remote backends "
                                                                              "(or BBPT_API_KEY); never stored")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")

@@ -257,7 +257,6 @@ class Session:
         cfg, store, sid = self.config, self.storage, self.study_id
         done = {(e.trial_number, e.split) for e in store.evaluations(sid)}
         y_test = np.array([e.label for e in self.task.test])
-        test = None
         evals = []
         if {(None, "dev"), (None, "test")} - done:
             # The manual prompt gets the same calibration as every tuned prompt: a bias fitted on train.
@@ -310,6 +309,11 @@ class Session:
                 summary[f"test_{key}"] = by[(sel, "test")][key]
                 summary[f"dev_{key}"] = by[(sel, "dev")].get(key)
         summary.update(self._spending(loop))
+        if len(self.info.extra.get("endpoints") or ()) > 1:     # a population spread over several servers
+            from collections import Counter
+
+            served = Counter(t.metrics.get("endpoint", "") for t in store.trials(sid, with_z=False))
+            summary["calls_by_endpoint"] = dict(sorted(served.items()))
         store.update_study(self.name, state="complete", summary=summary)
         return summary
 

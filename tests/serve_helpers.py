@@ -168,6 +168,31 @@ STUDY_ARGS = ["--task", "sst2", "--optimizer", "cma", "--popsize", "4", "--intri
               "--no-progress", "--json"]
 
 
+class StudyThread:
+    """A short CMA-ES study run through the CLI in a thread, so a test can break something while it runs."""
+
+    def __init__(self, tmp_path: Path, name: str, *args: str, budget: int):
+        self.name, self.url, self.rc = name, f"sqlite:///{tmp_path / (name + '.db')}", None
+        argv = ["-q", "optimize", *STUDY_ARGS, "--budget", str(budget), "--study", name, "--storage", self.url,
+                "--runs-dir", str(tmp_path / "runs"), *args]
+        self.thread = threading.Thread(target=lambda: setattr(self, "rc", cli_main(argv)))
+        self.thread.start()
+        self.store = Storage(self.url)
+
+    def wait_for_trials(self, n: int) -> int:
+        """Wait until the study has stored at least ``n`` trials (or ended); returns how many it has."""
+        done = 0
+        while self.thread.is_alive() and done < n:
+            row = self.store.get_study(self.name)
+            done = len(self.store.trials(row.id, with_z=False)) if row else 0
+            time.sleep(0.02)
+        return done
+
+    def join(self, timeout: float = 300) -> int | None:
+        self.thread.join(timeout=timeout)
+        return self.rc
+
+
 def run_study(tmp_path: Path, name: str, *args: str, budget: int = 24) -> dict:
     """Run a short CMA-ES study through the CLI; return its trials' losses and its summary row."""
     url = f"sqlite:///{tmp_path / (name + '.db')}"

@@ -17,9 +17,8 @@ from adapters.http_client import HttpClient, HttpStatusError
 from bbpt.cli import main as cli_main
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit
-from bbpt.storage import Storage
 from bbpt.tasks import load_task
-from serve_helpers import STUDY_ARGS, FaultProxy, ServerProcess, run_study
+from serve_helpers import FaultProxy, ServerProcess, StudyThread, run_study
 
 KEY = "s3cret"
 
@@ -169,34 +168,21 @@ def test_clients_import_the_wire_format_downward_not_the_server_package():
 
 def test_study_survives_a_server_killed_and_restarted(tiny_model_dir, tmp_path, local_run):
     server = ServerProcess(tiny_model_dir, tmp_path).start()
-    url = f"sqlite:///{tmp_path / 'restart.db'}"
-    result = {}
-
-    def study():
-        result["rc"] = cli_main(["-q", "optimize", *STUDY_ARGS, "--budget", "100", "--study", "restart",
-                                 "--storage", url, "--runs-dir", str(tmp_path / "runs"), "--backend", "api",
-                                 "--endpoint", server.url, "--model", tiny_model_dir])
-
-    thread = threading.Thread(target=study)
-    thread.start()
-    store = Storage(url)
-    done_at_kill = 0
+    run = StudyThread(tmp_path, "restart", "--backend", "api", "--endpoint", server.url, "--model", tiny_model_dir,
+                      budget=100)
     try:
-        while thread.is_alive() and done_at_kill < 8:
-            row = store.get_study("restart")
-            done_at_kill = len(store.trials(row.id)) if row else 0
-            time.sleep(0.02)
+        done_at_kill = run.wait_for_trials(8)
         server.kill()
         time.sleep(1.0)
         server.start()
-        thread.join(timeout=300)
+        rc = run.join()
     finally:
         server.stop()
-    assert result.get("rc") == 0
+    assert rc == 0
     assert 8 <= done_at_kill < 100, "the server must die in the middle of the study"
-    row = store.require_study("restart")
-    got = dict(numbers=[t.number for t in store.trials(row.id)], losses=[t.loss for t in store.trials(row.id)],
-               states={t.state for t in store.trials(row.id)})
+    row = run.store.require_study("restart")
+    trials = run.store.trials(row.id)
+    got = dict(numbers=[t.number for t in trials], losses=[t.loss for t in trials], states={t.state for t in trials})
     _same_trials(got, local_run, 100)
     assert row.summary["calls"] == 100
 
