@@ -122,10 +122,6 @@ class ApiBackend:
                     init=self.init, deltas=None if deltas is None else deltas[c0:c0 + cand_step],
                     dtype=self.wire_dtype))
         replies = self.http.post_many("/v1/score", payloads)
-        served_by: list[set[str]] = [set() for _ in range(pop)]     # several endpoints: who scored each prompt
-        for (c0, _), r in zip(slots, replies):
-            for c in range(c0, min(c0 + cand_step, pop)):
-                served_by[c].add(r.endpoint)
         shape = (pop, batch.n) if batch.generation else (pop, batch.n, len(batch.label_words))
         out = np.empty(shape, np.float32)
         tokens, target_tokens = 0, np.zeros(batch.n, np.int64)
@@ -148,8 +144,17 @@ class ApiBackend:
                            bytes_sent=sum(r.bytes_sent for r in replies),
                            bytes_received=sum(r.bytes_received for r in replies),
                            target_tokens=target_tokens if batch.generation else None,
-                           per_prompt=[{"endpoint": ",".join(sorted(e))} for e in served_by]
+                           per_prompt=self._served_by(slots, replies, cand_step, pop)
                            if len(self.http.urls) > 1 else None)
+
+    @staticmethod
+    def _served_by(slots, replies, cand_step: int, pop: int) -> list[dict]:
+        """Several endpoints: which of them scored each prompt (a trial's metrics keep it)."""
+        by: list[set[str]] = [set() for _ in range(pop)]
+        for (c0, _), r in zip(slots, replies):
+            for c in range(c0, min(c0 + cand_step, pop)):
+                by[c].add(r.endpoint)
+        return [{"endpoint": ",".join(sorted(e))} for e in by]
 
     def _steps(self, deltas, batch: ApiBatch) -> tuple[int, int]:
         """Candidates and examples per request, within the server's count and body-size limits."""

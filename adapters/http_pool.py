@@ -4,9 +4,9 @@ Scale-out belongs to the serving engine (several ``bbpt serve`` processes, or vL
 client's part is to spread each call's requests over them and to survive one going away. Every endpoint keeps
 its own :class:`~adapters.http_client.HttpClient` (its own connections, concurrency limit and retries). A
 call's requests are dealt out round-robin, and a server that empties its share takes from the others', so a
-faster server simply takes more of them. When an endpoint's retries are spent (it died, or the network to it did), its request goes back
-into the queue for the others and the endpoint is dropped for the rest of the run, with a warning; the call
-fails only when no endpoint is left. A refusal (4xx) is the request's fault, not the server's, and fails the
+faster server simply takes more of them. When an endpoint's retries are spent (it died, or the network to it
+did), the others take its request and the endpoint is dropped for the rest of the run, with a warning; the
+call fails only when no endpoint is left. A refusal (4xx) is the request's fault, not the server's, and fails the
 call at once, as with one endpoint.
 """
 
@@ -41,7 +41,6 @@ class EndpointPool:
             raise ConfigError("no endpoint given; pass --endpoint http://host:8000[,http://host2:8000]")
         self.clients = [HttpClient(u, **client_args) for u in urls]
         self.alive = list(self.clients)
-        self.served: Counter = Counter()        # requests answered, per endpoint
         self._senders = client_args.get("max_concurrency", 4)
         self._lock = threading.Lock()
 
@@ -98,7 +97,7 @@ class EndpointPool:
                     return
                 except BackendError as e:           # this server is gone: the others take its work
                     with self._lock:
-                        queues.setdefault(client, deque()).append(i)
+                        queues[client].append(i)
                         if client in self.alive:
                             self.alive.remove(client)
                             failures[client.base_url] = e
@@ -124,10 +123,9 @@ class EndpointPool:
             if not any(queues.values()):
                 return out      # type: ignore[return-value]
 
-    def _tag(self, reply: Reply, client: HttpClient) -> Reply:
+    @staticmethod
+    def _tag(reply: Reply, client: HttpClient) -> Reply:
         reply.endpoint = client.base_url
-        with self._lock:
-            self.served[client.base_url] += 1
         return reply
 
     def close(self) -> None:

@@ -168,13 +168,21 @@ STUDY_ARGS = ["--task", "sst2", "--optimizer", "cma", "--popsize", "4", "--intri
               "--no-progress", "--json"]
 
 
+def _study_url(tmp_path: Path, name: str) -> str:
+    return f"sqlite:///{tmp_path / (name + '.db')}"
+
+
+def _optimize_argv(tmp_path: Path, name: str, budget: int, *args: str) -> list[str]:
+    return ["-q", "optimize", *STUDY_ARGS, "--budget", str(budget), "--study", name,
+            "--storage", _study_url(tmp_path, name), "--runs-dir", str(tmp_path / "runs"), *args]
+
+
 class StudyThread:
     """A short CMA-ES study run through the CLI in a thread, so a test can break something while it runs."""
 
     def __init__(self, tmp_path: Path, name: str, *args: str, budget: int):
-        self.name, self.url, self.rc = name, f"sqlite:///{tmp_path / (name + '.db')}", None
-        argv = ["-q", "optimize", *STUDY_ARGS, "--budget", str(budget), "--study", name, "--storage", self.url,
-                "--runs-dir", str(tmp_path / "runs"), *args]
+        self.name, self.url, self.rc = name, _study_url(tmp_path, name), None
+        argv = _optimize_argv(tmp_path, name, budget, *args)
         self.thread = threading.Thread(target=lambda: setattr(self, "rc", cli_main(argv)))
         self.thread.start()
         self.store = Storage(self.url)
@@ -195,9 +203,8 @@ class StudyThread:
 
 def run_study(tmp_path: Path, name: str, *args: str, budget: int = 24) -> dict:
     """Run a short CMA-ES study through the CLI; return its trials' losses and its summary row."""
-    url = f"sqlite:///{tmp_path / (name + '.db')}"
-    rc = cli_main(["-q", "optimize", *STUDY_ARGS, "--budget", str(budget), "--study", name, "--storage", url,
-                   "--runs-dir", str(tmp_path / "runs"), *args])
+    url = _study_url(tmp_path, name)
+    rc = cli_main(_optimize_argv(tmp_path, name, budget, *args))
     assert rc == 0
     store = Storage(url)
     row = store.require_study(name)
