@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from bbpt.config import CALIBRATIONS, DEV_TIES, SPACES   # light: dataclasses only, no torch
 from bbpt.errors import BbptError
@@ -192,6 +194,20 @@ def _add_study_parser(sub) -> None:
     sp.add_argument("--arms", type=_names, metavar="A,B", help="run only these arms (comma-separated), e.g. the "
                     "two a question needs first; the others stay for a later run into the same storage")
     sp.add_argument("--seeds", type=_ints, metavar="0,1", help="run only these of the spec's seeds")
+    sp.add_argument("--workers", type=int, default=1, metavar="K",
+                    help="run K worker processes here (each with 1/K of the CPU threads). Any number of `bbpt "
+                    "study run` processes, on one host (SQLite) or many (PostgreSQL), may share one storage: each "
+                    "claims one study at a time, and takes over a study whose worker died once its lease "
+                    "(60 s, $BBPT_LEASE_SECONDS) lapses")
+    sp = ssub.add_parser("queue", help="queue the spec's unfinished studies for `bbpt worker`s to run",
+                         description="Put every unfinished study of the spec (with the spec's text) in the "
+                         "storage's work table; `bbpt worker --storage URL` processes on any machine that reaches "
+                         "the database take them, one at a time. The database is the queue: no broker.")
+    sp.add_argument("spec", metavar="SPEC.toml", help="the study spec to queue")
+    sp.add_argument("--storage", help="SQLAlchemy URL to use instead of the spec's storage (PostgreSQL for "
+                                      "workers on several machines)")
+    sp.add_argument("--arms", type=_names, metavar="A,B", help="queue only these arms")
+    sp.add_argument("--seeds", type=_ints, metavar="0,1", help="queue only these of the spec's seeds")
     sp = ssub.add_parser("report", help="write the spec's markdown report and plots from its storage",
                          description="Write <spec folder>/results/<name>.md: per task, mean ± std over seeds of "
                          "dev and test score per arm, calls, tokens, seconds and calls to reach the reference "
@@ -406,6 +422,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_study_parser(sub)
 
+    p = sub.add_parser("worker", help="run studies queued in a storage (bbpt study queue), until stopped",
+                       formatter_class=fmt, description="Take queued studies of any spec from the storage, one at "
+                       "a time, and run them (resuming any a dead worker left), until stopped with Ctrl-C, which "
+                       "hands the current study back at once. Start one per machine (or per GPU) against one "
+                       "PostgreSQL database; SQLite serves workers on one host only.",
+                       epilog="example:\n  bbpt study queue studies/bbt_suite.toml --storage postgresql+psycopg://u@db/bbpt\n"
+                              "  bbpt worker --storage postgresql+psycopg://u@db/bbpt    # on each machine")
+    _add_storage_args(p)
+    p.add_argument("--until-empty", action="store_true", help="exit once no queued study is left (default: wait "
+                                                              "for more)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the per-study log lines remain)")
+
+    p = sub.add_parser("storage", help="upgrade a study database to this bbpt's schema")
+    ssub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    sp = ssub.add_parser("upgrade", help="migrate the database in place (Alembic); stop its workers first",
+                         description="Migrate a study database written by an older bbpt to this one's schema, in "
+                         "place (as `optuna storage upgrade` does). Reading an old database needs no upgrade; "
+                         "writing to it does. Stop every worker on it first, and keep a copy if it matters.")
+    _add_storage_args(sp)
+
     p = sub.add_parser("serve", help="serve a model over HTTP for --backend api|vllm clients (and tuned prompts)",
                        formatter_class=fmt, description="Serve a model so prompts can be tuned by clients that "
                        "never see its weights: /v1/score (bbpt's protocol), /v1/completions (OpenAI-compatible, "
@@ -427,6 +463,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -444,6 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     from bbpt import commands
 
+    # SIGTERM (kill, a batch scheduler's stop) ends a run as Ctrl-C does: the current study's lease is handed
+    # back at once instead of lapsing, and every finished generation is already stored.
+    on_main = threading.current_thread() is threading.main_thread()   # (tests call main() from threads too)
+    before = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
     try:
         return getattr(commands, "cmd_" + args.command.replace("-", "_"))(args) or 0
     except BbptError as e:
@@ -456,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:     # `bbpt trials ... | head`: the reader left; stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # so the exit flush cannot fail again
         return 141
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, before)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 
 import numpy as np
@@ -207,6 +208,9 @@ def cmd_studies(args) -> int:
     storage = Storage(args.storage, create=False)
     if args.action == "list":
         rows = storage.list_studies()
+        from bbpt.storage.work import Work, holder
+
+        work = Work(storage).rows()
         print(f"{'name':32} {'task':8} {'optimizer':18} {'state':9} {'calls':>11} {'dev':>7} {'test':>7}")
         for r in rows:
             s, c = r.summary or {}, r.config
@@ -214,8 +218,9 @@ def cmd_studies(args) -> int:
             calls = ck.loop_state["calls"] if ck else 0
             dev = f"{s['dev']:.4f}" if "dev" in s else "-"
             test = f"{s['test']:.4f}" if "test" in s else "-"
+            held = holder(work.get(r.name)) if r.state != "complete" else None
             print(f"{r.name:32} {str(c.get('task') or c.get('data')):8} {c['optimizer']:18} {r.state:9} "
-                  f"{calls:>5}/{c['budget']:<5} {dev:>7} {test:>7}")
+                  f"{calls:>5}/{c['budget']:<5} {dev:>7} {test:>7}" + (f"  held by {held}" if held else ""))
         return 0
     if args.action == "compact":
         path = storage.file
@@ -329,8 +334,19 @@ def cmd_study(args) -> int:
         return 0
     url = spec.storage_url(args.storage)
     spec = spec.only(args.arms, args.seeds)
+    if args.action == "queue":
+        from bbpt.studyspec.runner import queue_spec
+
+        added, done = queue_spec(spec, args.storage)
+        print(f"queued {added} studies of {spec.name} in {url} ({done} already complete, "
+              f"{len(spec.plan) - done - added} already queued); run them with: bbpt worker --storage {url}")
+        return 0
     if args.dry_run:
         return _study_plan(spec, url)
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: give at least 1")
+    if args.workers > 1:
+        return _study_workers(args, url)
     from bbpt.studyspec import run_spec
 
     print(f"study spec {spec.name}: {len(spec.plan)} studies in {url}", file=sys.stderr)
@@ -344,16 +360,64 @@ def cmd_study(args) -> int:
     return 0
 
 
+def _study_workers(args, url: str) -> int:
+    """`study run --workers K`: K `study run` processes on this host, sharing the cores; they coordinate
+    through the storage exactly as processes on different machines do."""
+    import signal
+    import subprocess
+
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    argv = [sys.executable, "-m", "bbpt.cli", "study", "run", args.spec, "--storage", url, "--no-progress"]
+    for flag, values in (("--arms", args.arms), ("--seeds", args.seeds)):
+        if values:
+            argv += [flag, ",".join(map(str, values))]
+    print(f"{args.workers} workers on {url}, {threads} thread(s) each", file=sys.stderr)
+    procs = [subprocess.Popen(argv, env=env) for _ in range(args.workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:       # hand every study back: each worker releases its lease on SIGTERM
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait()
+        raise
+    return max(codes)
+
+
+def cmd_worker(args) -> int:
+    from bbpt.studyspec.runner import run_worker
+
+    failed = run_worker(args.storage, progress=not args.no_progress, until_empty=args.until_empty)
+    if failed:
+        print(f"{len(failed)} studies failed: {', '.join(failed)}; the log above says why", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_storage(args) -> int:
+    from bbpt.storage import Storage
+
+    storage = Storage(args.storage, create=False)
+    before, after = storage.upgrade()
+    print(f"{storage.url}: schema revision {before} -> {after}" if before != after
+          else f"{storage.url}: already at revision {after}, nothing to do")
+    return 0
+
+
 def _study_plan(spec, url: str) -> int:
     from bbpt.errors import StorageError
     from bbpt.storage import Storage
     from bbpt.studyspec import status, time_left
     from bbpt.studyspec.runner import Status, duration
 
+    from bbpt.storage.work import Work, holder
+
     try:
-        states = status(spec, Storage(url, create=False))
+        storage = Storage(url, create=False)
+        states, work = status(spec, storage), Work(storage).rows()
     except StorageError:     # nothing stored yet: every study is new
-        states = [Status(p, "new", 0, []) for p in spec.plan]
+        states, work = [Status(p, "new", 0, []) for p in spec.plan], {}
     left = time_left(states)
     w = max(len(p.name) for p in spec.plan)
     print(f"{'study':{w}} {'state':9} {'calls':>11} {'time':>8}")
@@ -362,6 +426,8 @@ def _study_plan(spec, url: str) -> int:
         budget = p.config.budget if p.arm.tuned else 0
         took = duration(s.seconds) if s.seconds is not None else f"~{duration(t)}" if t else "?"
         note = f"  stored settings differ: {', '.join(s.stale)}" if s.stale and s.state != "new" else ""
+        held = holder(work.get(p.name))
+        note += f"  held by {held}" if held and s.state != "complete" else ""
         print(f"{p.name:{w}} {s.state:9} {s.calls:>5}/{budget:<5} {took:>8}{note}")
     done = [s.seconds for s in states if s.seconds is not None]
     todo = [t for s, t in zip(states, left) if s.state != "complete"]

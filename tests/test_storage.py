@@ -7,12 +7,7 @@ import csv
 import io
 import json
 import os
-import shutil
-import socket
 import sqlite3
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -141,57 +136,6 @@ def test_a_read_only_database(finished_db, tmp_path, capsys, how):
 
 
 # -- PostgreSQL -----------------------------------------------------------------------------------------------
-
-def _pg_bindir() -> Path | None:
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))   # Debian keeps them off PATH
-    return versions[-1].parent if versions else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def postgres_url():
-    """$BBPT_TEST_POSTGRES_URL, or a throwaway cluster on a free loopback port, stopped afterwards."""
-    pytest.importorskip("psycopg", reason="needs the psycopg driver: pip install 'bbpt[postgres]'")
-    if os.environ.get("BBPT_TEST_POSTGRES_URL"):
-        yield os.environ["BBPT_TEST_POSTGRES_URL"]
-        return
-    bindir = _pg_bindir()
-    if bindir is None:
-        pytest.skip("no PostgreSQL server: set BBPT_TEST_POSTGRES_URL=postgresql+psycopg://user@host/db, or "
-                    "install one (apt-get install postgresql) so initdb and pg_ctl are found")
-    # Not under pytest's tmp_path: as root that sits in a 0700 folder the postgres user cannot enter.
-    data = Path(tempfile.mkdtemp(prefix="bbpt-pg-"))
-    as_user = []
-    if os.geteuid() == 0:           # initdb refuses to run as root: run the cluster as the postgres user
-        import pwd
-
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no 'postgres' user to own a test cluster")
-        os.chown(data, pw.pw_uid, pw.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    pg = lambda *args: subprocess.run(as_user + [str(bindir / args[0]), *map(str, args[1:])], check=True,
-                                      capture_output=True, text=True)
-    try:
-        pg("initdb", "-D", data / "db", "-U", "postgres", "--auth=trust", "-E", "UTF8")
-        pg("pg_ctl", "-D", data / "db", "-l", data / "log", "-w", "-o",
-           f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        if (data / "db" / "postmaster.pid").exists():
-            pg("pg_ctl", "-D", data / "db", "-m", "immediate", "-w", "stop")
-        shutil.rmtree(data, ignore_errors=True)
-
 
 def test_a_study_on_postgresql(postgres_url, tiny_model_dir, tmp_path, capsys):
     name = f"pg-{os.getpid()}"        # a shared server given by URL may hold other studies

@@ -7,6 +7,7 @@ study repeats no completed trial and loses none.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import time
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session, defer, sessionmaker
 
 from bbpt.errors import StorageError, StudyError
 from bbpt.storage.models import (SCHEMA_VERSION, Base, CheckpointRow, EvaluationRow, RequestCacheRow, SchemaVersion,
-                                 StudyRow, TrialRow)
+                                 StudyRow, TrialRow, WorkRow)
 
 __all__ = ["DEFAULT_URL", "Storage", "CheckpointRow", "EvaluationRow", "RequestCache", "RequestCacheRow", "StudyRow",
            "TrialRow", "default_url"]
@@ -118,18 +119,51 @@ class Storage:
                 raise self._error(e) from None
 
     def _create_schema(self, create: bool) -> None:
-        if not create and not inspect(self.engine).has_table(StudyRow.__tablename__):
+        have = inspect(self.engine)
+        if not create and not have.has_table(StudyRow.__tablename__):
             raise StorageError(f"storage {self.url!r} holds no bbpt tables; check --storage (or $BBPT_STORAGE); "
                                "studies are created by `bbpt optimize`")
-        if create:
-            Base.metadata.create_all(self.engine)
         with self.session() as s, s.begin():
-            rows = s.scalars(select(SchemaVersion.version)).all()
-            if not rows and create:
+            rows = (s.scalars(select(SchemaVersion.version)).all()
+                    if have.has_table(SchemaVersion.__tablename__) else [])
+            if not rows and not have.has_table(StudyRow.__tablename__):
+                # A new database: every table at the newest schema, stamped for the migrations in the same
+                # transaction, so no database has tables but no revision.
+                from bbpt.storage.migrate import stamp_head
+
+                Base.metadata.create_all(s.connection())
                 s.add(SchemaVersion(version=SCHEMA_VERSION))
-            elif rows and max(rows) > SCHEMA_VERSION:
-                raise StorageError(f"database {self.url!r} was written by a newer bbpt (schema {max(rows)}, "
-                                   f"this bbpt knows {SCHEMA_VERSION}); upgrade bbpt, or use another --storage")
+                s.flush()
+                stamp_head(s.connection())
+                rows = [SCHEMA_VERSION]
+        self.schema = max(rows, default=1)
+        if self.schema > SCHEMA_VERSION:
+            raise StorageError(f"database {self.url!r} was written by a newer bbpt (schema {self.schema}, "
+                               f"this bbpt knows {SCHEMA_VERSION}); upgrade bbpt, or use another --storage")
+        if self.schema < SCHEMA_VERSION and create:
+            raise StorageError(
+                f"database {self.url!r} has schema {self.schema}, from an older bbpt; this bbpt writes schema "
+                f"{SCHEMA_VERSION}. Upgrade it in place with `bbpt storage upgrade --storage {self.url}` (stop "
+                "its other workers first; reading it, e.g. `bbpt study report`, works without upgrading)")
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Migrate the database to this bbpt's schema (``bbpt storage upgrade``); returns the revisions
+        before and after."""
+        from bbpt.storage.migrate import upgrade
+
+        try:
+            out = upgrade(self.engine)
+        except DatabaseError as e:
+            raise self._error(e) from None
+        self.schema = SCHEMA_VERSION
+        return out
+
+    def fenced(self, lease) -> "Storage":
+        """This storage, with every write transaction first checking (and extending) ``lease``: a worker
+        whose study was taken over cannot write to it again. Shares the engine: no new connections."""
+        other = copy.copy(self)
+        other._fence = lease
+        return other
 
     def _error(self, e: DatabaseError) -> StorageError:
         msg = str(e.orig) if getattr(e, "orig", None) else str(e)
@@ -143,12 +177,16 @@ class Storage:
             hint = "is it a bbpt database?"
         return StorageError(f"cannot use storage {self.url!r} ({msg}); {hint}")
 
+    _fence = None
+
     @contextmanager
     def _write(self):
         """A write transaction whose database errors (read-only, locked past the timeout, server gone)
         become a StorageError that names the storage, instead of a traceback."""
         try:
             with self.session() as s, s.begin():
+                if self._fence is not None:
+                    self._fence.check(s)
                 yield s
         except DatabaseError as e:
             raise self._error(e) from None
@@ -194,6 +232,8 @@ class Storage:
             for table in tables:
                 s.execute(delete(table).where(table.study_id == row.id))
             s.execute(delete(StudyRow).where(StudyRow.id == row.id))
+            if self.schema >= 2:     # its claim goes too, so the study can be run (or queued) afresh
+                s.execute(delete(WorkRow).where(WorkRow.name == name))
 
     def compact(self) -> tuple[int, int]:
         """Shrink complete studies to what reports, exports and `bbpt eval` read; returns (checkpoints, trials)

@@ -1,15 +1,21 @@
-"""SQLAlchemy 2 tables: studies, trials, checkpoints, evaluations, request_cache, schema_version."""
+"""SQLAlchemy 2 tables: studies, trials, checkpoints, evaluations, request_cache, work, schema_version.
+
+The schema changes only through the Alembic migrations in ``bbpt/storage/migrations``; a new database is
+created from these classes and stamped at the newest migration. Tables an older bbpt does not know change
+what it may safely do (two old workers would not see each other's claims), so every migration raises
+SCHEMA_VERSION and an older bbpt refuses the database with a message.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, DateTime
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-# Adding a table is not a schema change: create_all adds it to an older database when it is opened for
-# writing, and an older bbpt never reads it. Bump only when an existing table changes.
-SCHEMA_VERSION = 1
+# The schema a database written by this bbpt has; migration N sets it to N. Schema 1 is what bbpt wrote
+# before it had migrations (the Alembic baseline).
+SCHEMA_VERSION = 2
 
 
 def _now() -> datetime:
@@ -94,4 +100,28 @@ class RequestCacheRow(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     key: Mapped[str] = mapped_column(String(64))            # sha256 of the canonical request
     answer: Mapped[dict] = mapped_column(JSON)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class WorkRow(Base):
+    """One study a worker can claim, by the study's name, with the spec that declares it (its TOML text, so a
+    worker on any machine can rebuild the study from the database alone: the database is the queue).
+
+    ``worker`` and ``lease_until`` (Unix seconds) say who runs it and until when; the worker renews the lease
+    while it runs, and a lease that lapsed (its worker died) is free for any other to take over, resuming
+    from the last stored generation. ``state`` is pending until the study ends (done or failed).
+    """
+
+    __tablename__ = "work"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    spec_name: Mapped[str] = mapped_column(String(200))
+    spec_path: Mapped[str] = mapped_column(String(1000))    # as given when queued: messages and runs_dir
+    spec_text: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(20), default="pending")      # pending | done | failed
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
+    claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    runs: Mapped[int] = mapped_column(Integer, default=0)     # how many claims it took (takeovers show here)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -8,6 +8,7 @@ the run stops and says which study and which setting, rather than mixing old and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import platform
@@ -15,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from bbpt.config import StudyConfig
-from bbpt.errors import ObjectiveError, OptimizerError, StudyError
+from bbpt.errors import ConfigError, ObjectiveError, OptimizerError, StudyError
 from bbpt.storage import Storage
 from bbpt.studyspec.spec import Planned, StudySpec
 
@@ -80,13 +81,64 @@ def time_left(plan: list[Status]) -> list[float | None]:
     return out
 
 
-def run_spec(spec: StudySpec, *, storage_url: str | None = None, progress: bool = True) -> list[str]:
-    """Run what is left; returns the names of studies that failed (their error is logged)."""
+def run_spec(spec: StudySpec, *, storage_url: str | None = None, progress: bool = True,
+             worker: str | None = None) -> list[str]:
+    """Run what is left; returns the names of studies that failed (their error is logged).
+
+    Any number of processes may run the same spec into one storage: each claims one study at a time (see
+    :mod:`bbpt.storage.work`), skips those another worker holds, and when only those are left waits for them,
+    taking over any whose worker dies, so every process returns when the whole plan is done.
+    """
+    from bbpt.storage.work import SpecSource, Work
+
     url = spec.storage_url(storage_url)
     if not storage_url and not spec.storage:
         spec.results_dir.mkdir(parents=True, exist_ok=True)     # the default home of the database
     storage = Storage(url)
-    plan = status(spec, storage)
+    _refuse_stale(status(spec, storage), url)
+    work = Work(storage, worker)
+    source = SpecSource(spec.name, str(spec.path), spec.source)
+    backends: dict[tuple, object] = {}
+    failed: list[str] = []
+    started = time.time()
+    index = {p.name: i for i, p in enumerate(spec.plan, 1)}
+    for s in status(spec, storage):
+        if _finished(s):
+            log.info("[%d/%d] %s: complete, skipped", index[s.study.name], len(spec.plan), s.study.name)
+    while True:
+        plan = status(spec, storage)
+        rows = work.rows([s.study.name for s in plan])
+        # Done for this run: complete, or failed since it began (a study that failed before is retried).
+        todo = [s for s in plan if not _finished(s) and not (
+            s.study.name in failed or (s.study.name in rows and rows[s.study.name].state == "failed"
+                                       and (rows[s.study.name].finished_at or 0) >= started))]
+        if not todo:
+            return failed
+        ran = False
+        for s in todo:
+            tag = f"[{index[s.study.name]}/{len(spec.plan)}] {s.study.name}"
+            lease = work.claim(s.study.name, source)
+            if lease is None:
+                continue
+            ran = True
+            # Read again under the claim: another worker may have finished it since the plan was read.
+            s = next(x for x in status(dataclasses.replace(spec, plan=[s.study]), storage))
+            if _finished(s):
+                lease.release("done")
+                continue
+            if not _run_claimed(s, storage, lease, backends, spec.runs_dir, progress, tag):
+                failed.append(s.study.name)
+        if not ran:         # everything left is held by live workers: wait, to take over any that dies
+            held = ", ".join(sorted(r.worker for r in rows.values() if r.worker))
+            log.info("%d studies left, all held by other workers (%s); waiting", len(todo), held or "-")
+            time.sleep(min(work.seconds / 3, 10))
+
+
+def _finished(s: Status) -> bool:
+    return s.state == "complete" and (not s.study.arm.tuned or s.budget == s.study.config.budget)
+
+
+def _refuse_stale(plan: list[Status], url: str) -> None:
     stale = [s for s in plan if s.stale and s.state != "new"]
     if stale:
         s = stale[0]
@@ -94,34 +146,97 @@ def run_spec(spec: StudySpec, *, storage_url: str | None = None, progress: bool 
                          f"({', '.join(s.stale)}); delete it to rerun it (bbpt studies delete {s.study.name} "
                          f"--storage {url}), or give the spec a new name or storage"
                          + (f" ({len(stale) - 1} more studies differ)" if len(stale) > 1 else ""))
-    backends: dict[tuple, object] = {}
-    failed = []
-    for i, s in enumerate(plan, 1):
-        p, cfg = s.study, s.study.config
-        tag = f"[{i}/{len(plan)}] {p.name}"
-        if s.state == "complete" and (not p.arm.tuned or s.budget == cfg.budget):
-            log.info("%s: complete, skipped", tag)
-            continue
-        log.info("%s: %s", tag, "starting" if s.state == "new" else f"resuming at call {s.calls}/{cfg.budget}")
-        key = (cfg.backend, cfg.model, cfg.endpoint, cfg.device, cfg.dtype)
-        if key not in backends:     # one model load serves every study that uses it
-            from bbpt.session import open_backend
 
-            backends[key] = open_backend(cfg, os.environ.get("BBPT_API_KEY"))
-        backend = backends[key]
-        start, before = time.perf_counter(), _scoring_seconds(storage, p)
-        try:
-            summary = _run_one(p, storage, backend, spec.runs_dir, progress)
-        except (ObjectiveError, OptimizerError) as e:   # a diverged or broken search: record it, do the others
-            log.error("%s failed: %s", tag, e)
-            storage.update_study(p.name, state="failed")
-            failed.append(p.name)
+
+def _run_claimed(s: Status, storage: Storage, lease, backends: dict, runs_dir: str, progress: bool,
+                 tag: str) -> bool:
+    """Run one claimed study to its end under its lease; False if it failed. The lease is released at the
+    end whatever happens: done, failed, or pending again (interrupted, or an error that is not the study's)."""
+    from bbpt.storage.work import LeaseLost
+
+    p, cfg = s.study, s.study.config
+    log.info("%s: %s", tag, "starting" if s.state == "new" else f"resuming at call {s.calls}/{cfg.budget}")
+    key = (cfg.backend, cfg.model, cfg.endpoint, cfg.device, cfg.dtype)
+    if key not in backends:     # one model load serves every study that uses it
+        from bbpt.session import open_backend
+
+        backends[key] = open_backend(cfg, os.environ.get("BBPT_API_KEY"))
+    backend = backends[key]
+    fenced = storage.fenced(lease)
+    start, before = time.perf_counter(), _scoring_seconds(storage, p)
+    try:
+        with lease.kept():
+            try:
+                summary = _run_one(p, fenced, backend, runs_dir, progress)
+            except (ObjectiveError, OptimizerError) as e:   # a diverged or broken search: record it, do the others
+                log.error("%s failed: %s", tag, e)
+                fenced.update_study(p.name, state="failed")
+                summary = None
+            else:
+                # Machine and time ride in the summary, so a report rebuilt later from storage alone can state them.
+                summary.update(machine=machine(backend), wall_seconds=round(before + time.perf_counter() - start, 2))
+                fenced.update_study(p.name, summary=summary)
+    except LeaseLost as e:
+        log.warning("%s: %s", tag, e)
+        return True
+    lease.release("done" if summary else "failed")
+    if summary is None:
+        return False
+    log.info("%s: dev %.4f, test %.4f (%s)", tag, summary["dev"], summary["test"], summary["metric"])
+    return True
+
+
+def run_worker(storage_url: str | None = None, *, progress: bool = True, until_empty: bool = False,
+               worker: str | None = None, poll: float = 10.0) -> list[str]:
+    """``bbpt worker``: run queued studies of any spec, one at a time, until stopped (or, with
+    ``until_empty``, until no study is left pending); returns the names of those that failed."""
+    from bbpt.studyspec.spec import spec_from_text
+    from bbpt.storage.work import Work
+
+    storage = Storage(storage_url)
+    work = Work(storage, worker)
+    backends: dict[tuple, object] = {}
+    failed: list[str] = []
+    log.info("worker %s on %s: waiting for work (bbpt study queue SPEC.toml --storage ...)", work.worker,
+             storage.url)
+    while True:
+        got = work.claim_next()
+        if got is None:
+            if until_empty and not any(r.state == "pending" for r in work.rows().values()):
+                return failed
+            time.sleep(min(poll, work.seconds / 3))
             continue
-        # Machine and time ride in the summary, so a report rebuilt later from storage alone can state them.
-        summary.update(machine=machine(backend), wall_seconds=round(before + time.perf_counter() - start, 2))
-        storage.update_study(p.name, summary=summary)
-        log.info("%s: dev %.4f, test %.4f (%s)", tag, summary["dev"], summary["test"], summary["metric"])
-    return failed
+        row, lease = got
+        try:
+            spec = spec_from_text(row.spec_text, row.spec_path)
+            planned = next((p for p in spec.plan if p.name == row.name), None)
+            if planned is None:
+                raise StudyError(f"queued study {row.name!r} is not in its spec {row.spec_path!r} any more")
+            s = next(x for x in status(dataclasses.replace(spec, plan=[planned]), storage))
+            _refuse_stale([s], storage.url)
+        except (ConfigError, StudyError) as e:
+            log.error("%s cannot run: %s", row.name, e)
+            lease.release("failed")
+            failed.append(row.name)
+            continue
+        if _finished(s):
+            lease.release("done")
+            continue
+        if not _run_claimed(s, storage, lease, backends, spec.runs_dir, progress, row.name):
+            failed.append(row.name)
+
+
+def queue_spec(spec: StudySpec, storage_url: str | None = None) -> tuple[int, int]:
+    """``bbpt study queue``: put every unfinished study of the spec in the storage's work table for
+    ``bbpt worker``s to take; returns (queued, already complete)."""
+    from bbpt.storage.work import SpecSource, Work
+
+    storage = Storage(spec.storage_url(storage_url))
+    plan = status(spec, storage)
+    _refuse_stale(plan, storage.url)
+    todo = [s.study.name for s in plan if not _finished(s)]
+    added = Work(storage).enqueue(todo, SpecSource(spec.name, str(spec.path), spec.source)) if todo else 0
+    return added, len(plan) - len(todo)
 
 
 def _run_one(p: Planned, storage: Storage, backend, runs_dir: str, progress: bool) -> dict:

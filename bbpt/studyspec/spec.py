@@ -88,6 +88,7 @@ class StudySpec:
     runs_dir: str = "runs"
     reference: str | None = None         # the arm whose mean dev score the others race to
     sha256: str = ""
+    source: str = ""                     # the TOML text: queued work carries it, so any worker can rebuild the plan
     plan: list[Planned] = field(default_factory=list)
 
     @property
@@ -130,8 +131,19 @@ def load_spec(path: str | Path) -> StudySpec:
         raise ConfigError(f"cannot read study spec {str(path)!r} ({e.strerror}); pass the path of a .toml spec, "
                           "e.g. studies/sst2_gradient_vs_dfo.toml") from None
     try:
-        raw = tomllib.loads(raw_bytes.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"study spec {str(path)!r} is not UTF-8 text: {e}") from None
+    return spec_from_text(text, path)
+
+
+def spec_from_text(text: str, path: str | Path) -> StudySpec:
+    """A spec from its TOML text; ``path`` names it in messages and places its results folder (a worker
+    rebuilds a queued spec from the text stored with the work, wherever the file is)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"study spec {str(path)!r} is not valid TOML: {e}") from None
     where = f"{path} (top level)"
     _check_keys(raw, SPEC_KEYS | set(SETTINGS), where)
@@ -153,7 +165,8 @@ def load_spec(path: str | Path) -> StudySpec:
     spec = StudySpec(path=path, name=name, tasks=tasks, seeds=seeds, arms=arms, defaults=defaults,
                      task_settings=task_settings,
                      storage=_opt_str(raw, "storage", where), runs_dir=_opt_str(raw, "runs_dir", where) or "runs",
-                     reference=_reference(raw, arms, where), sha256=hashlib.sha256(raw_bytes).hexdigest())
+                     reference=_reference(raw, arms, where), sha256=hashlib.sha256(text.encode()).hexdigest(),
+                     source=text)
     spec.plan = _plan(spec)
     return spec
 
