@@ -8,6 +8,7 @@ the grid stored with what one uninterrupted worker stores.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -23,7 +24,7 @@ from bbpt.cli import main
 from bbpt.errors import StorageError
 from bbpt.storage import Storage
 from bbpt.storage.work import LeaseLost, SpecSource, Work
-from study_helpers import REPO, child_env, cli, dump
+from study_helpers import REPO, child_env, cli, copy_db, dump
 
 GRID = """
 name = "{name}"
@@ -91,7 +92,8 @@ def stored(url: str, prefix: str) -> dict:
             continue
         evals = [(e.split, e.trial_number, e.calls_at, e.tokens, e.note,
                   {k: v for k, v in e.metrics.items() if "seconds" not in k}) for e in st.evaluations(row.id)]
-        summary = {k: v for k, v in (row.summary or {}).items() if "seconds" not in k and k != "machine"}
+        summary = {k: v for k, v in (row.summary or {}).items()     # less where it ran and how long it took
+                   if "seconds" not in k and k not in ("machine", "study", "storage", "prompt_path")}
         out[row.name.split("/", 1)[1]] = dict(
             state=row.state, trials=[(t.number, t.loss, t.z) for t in st.trials(row.id)], evals=evals,
             summary=summary)
@@ -99,16 +101,17 @@ def stored(url: str, prefix: str) -> dict:
 
 
 def timeless(report: str) -> str:
-    """A report with its wall-clock facts blanked: dates, machine lines, totals and the seconds column."""
+    """A report less where and when it ran: paths, dates, machine, total time and the seconds column."""
     out, seconds_col = [], None
     for line in report.splitlines():
-        if line.startswith(("- studies:", "- machine:", "- total time:", "- spec:")):
+        if line.startswith(("- reproduce:", "- spec:", "- studies:", "- machine:", "- total time:")):
             continue
         if line.startswith("|"):
             cells = line.split("|")
-            if "seconds" in cells:
-                seconds_col = cells.index("seconds")
-            elif seconds_col is not None and len(cells) > seconds_col and not set(cells[seconds_col]) <= {"-"}:
+            names = [c.strip() for c in cells]
+            if "seconds" in names:
+                seconds_col = names.index("seconds")
+            elif seconds_col is not None and len(cells) > seconds_col and not set(names[seconds_col]) <= {"-"}:
                 cells[seconds_col] = "t"
             line = "|".join(cells)
         out.append(line)
@@ -135,10 +138,15 @@ def one_worker(tmp_path_factory, tiny_model_dir):
 def kill_mid_study(url: str, procs: list[subprocess.Popen], sig=signal.SIGKILL, timeout: float = 240) -> str:
     """Wait until a worker holds a tuned study with trials stored but its budget not spent, send it ``sig``;
     returns the study's name."""
-    st, deadline = Storage(url, read_only=True), time.time() + timeout
+    st, deadline = None, time.time() + timeout
     by_pid = {p.pid: p for p in procs}
     while time.time() < deadline:
-        for name, row in Work(st).rows().items():
+        try:
+            st = st or Storage(url, read_only=True)
+            rows = Work(st).rows()
+        except StorageError:        # the first worker has not created the database yet
+            rows = {}
+        for name, row in rows.items():
             pid = int(row.worker.split(":")[1]) if row.worker else None
             study = st.get_study(name)
             if pid in by_pid and study is not None and study.state == "running" and "/bp/" not in name:
@@ -167,7 +175,7 @@ def finish(procs: list[subprocess.Popen], timeout: float = 600) -> list[int]:
 @pytest.mark.parametrize("kind,workers", [("sqlite", 2), ("postgresql", 3)])
 def test_workers_share_a_grid_and_take_over_a_killed_one(kind, workers, request, one_worker, tmp_path,
                                                          tiny_model_dir):
-    name = f"grid{workers}"     # a PostgreSQL server given by URL may hold other grids
+    name = "grid" if kind == "sqlite" else f"grid{os.getpid()}"   # a server given by URL may hold other grids
     url = request.getfixturevalue("postgres_url") if kind == "postgresql" else f"sqlite:///{tmp_path / 'many.db'}"
     spec = write_grid(tmp_path, tiny_model_dir, name)
     procs = [start(["-q", "study", "run", "grid.toml", "--storage", url, "--no-progress"], tmp_path)
@@ -182,10 +190,11 @@ def test_workers_share_a_grid_and_take_over_a_killed_one(kind, workers, request,
         assert got[study] == want, study
     work = Work(Storage(url, read_only=True)).rows()
     assert {r.state for n, r in work.items() if n.startswith(name)} == {"done"}
-    assert work[killed].runs == 2       # claimed by the worker that died, then taken over once
-    spec.write_text(spec.read_text().replace(f'name = "{name}"', 'name = "grid"'))   # the same report text
-    if kind == "sqlite":
-        assert timeless(report(spec, url, tmp_path / "many.md")) == one_worker.report
+    # Claimed by the worker that died, then taken over (a claim that finds the study finished by another
+    # worker a moment before counts too, so at least two).
+    assert work[killed].runs >= 2 and work[killed].worker is None
+    want = re.sub(r"\bgrid(?=[`/.-])", name, one_worker.report)    # the study, plot and reading names
+    assert timeless(report(spec, url, tmp_path / "many.md")) == want
 
 
 def test_queued_work_is_drained_by_workers_and_ctrl_c_hands_a_study_back(one_worker, tmp_path, tiny_model_dir):
@@ -267,8 +276,7 @@ def test_queue_takes_studies_oldest_first_and_skips_held_ones(storage_url):
 
 
 def test_dry_run_and_studies_list_show_who_holds_a_study(one_worker, tmp_path, capsys):
-    url = f"sqlite:///{tmp_path / 'held.db'}"
-    shutil.copy(Path(one_worker.url.split("///", 1)[1]), tmp_path / "held.db")
+    url = copy_db(one_worker.url, tmp_path / "held.db")
     st = Storage(url)
     name = "grid/sst2/cma/seed1"
     st.update_study(name, state="running")

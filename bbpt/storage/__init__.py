@@ -8,6 +8,8 @@ study repeats no completed trial and loses none.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import os
 import random
 import time
@@ -39,6 +41,27 @@ def _sqlite_file(url: str) -> Path | None:
     if path.startswith("file:"):
         path = path[len("file:"):].split("?", 1)[0]
     return Path(path) if path and path != ":memory:" else None
+
+
+def _nonfinite(value):
+    """inf, -inf and NaN as {"__float__": "inf"}: a loss no dev check has set yet is inf, and PostgreSQL's JSON
+    (like the JSON standard) has no Infinity token. Older SQLite databases hold the bare token; json.loads
+    reads both."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": repr(value)}
+    if isinstance(value, dict):
+        return {k: _nonfinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nonfinite(v) for v in value]
+    return value
+
+
+def json_dumps(value) -> str:
+    return json.dumps(_nonfinite(value), allow_nan=False)
+
+
+def json_loads(text: str):
+    return json.loads(text, object_hook=lambda d: float(d["__float__"]) if d.keys() == {"__float__"} else d)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -74,7 +97,8 @@ class Storage:
         if read_only and self.url.startswith("postgresql"):
             connect_args["options"] = "-c default_transaction_read_only=on"
         try:
-            self.engine = create_engine(self.url, connect_args=connect_args, pool_pre_ping=not sqlite)
+            self.engine = create_engine(self.url, connect_args=connect_args, pool_pre_ping=not sqlite,
+                                        json_serializer=json_dumps, json_deserializer=json_loads)
         except Exception as e:  # bad URL, missing driver
             raise StorageError(f"cannot open storage {self.url!r}: {e}; use a SQLAlchemy URL such as "
                                "sqlite:///bbpt.db or postgresql://user@host/db") from None
@@ -92,13 +116,12 @@ class Storage:
         p = self.file
         if p is None:
             return
+        # Whether an existing file is a database is left to SQLite ("file is not a database", see _error):
+        # opening and closing the file here would drop every POSIX lock this process's SQLite connections
+        # hold on it, and another process could then delete the WAL under them and corrupt the database.
         if p.exists():
-            with p.open("rb") as f:
-                head = f.read(16)
-            if head and not head.startswith(b"SQLite format 3"):
-                raise StorageError(f"--storage {self.url!r}: {p} exists but is not a SQLite database; "
-                                   "point --storage at a new or existing bbpt database file")
-        elif not create:
+            return
+        if not create:
             raise StorageError(f"--storage {self.url!r}: there is no database at {str(p)!r}; check the path "
                                "(or $BBPT_STORAGE); studies are created by `bbpt optimize`")
         elif not p.parent.exists():
@@ -119,11 +142,15 @@ class Storage:
                 raise self._error(e) from None
 
     def _create_schema(self, create: bool) -> None:
-        have = inspect(self.engine)
-        if not create and not have.has_table(StudyRow.__tablename__):
-            raise StorageError(f"storage {self.url!r} holds no bbpt tables; check --storage (or $BBPT_STORAGE); "
-                               "studies are created by `bbpt optimize`")
         with self.session() as s, s.begin():
+            if create and self.url.startswith("sqlite"):
+                # Look and create under the write lock, with the DDL inside the transaction: a process opening
+                # the file at the same moment then sees no tables or all of them with their schema version.
+                s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+            have = inspect(s.connection())
+            if not create and not have.has_table(StudyRow.__tablename__):
+                raise StorageError(f"storage {self.url!r} holds no bbpt tables; check --storage (or "
+                                   "$BBPT_STORAGE); studies are created by `bbpt optimize`")
             rows = (s.scalars(select(SchemaVersion.version)).all()
                     if have.has_table(SchemaVersion.__tablename__) else [])
             if not rows and not have.has_table(StudyRow.__tablename__):
@@ -167,6 +194,9 @@ class Storage:
 
     def _error(self, e: DatabaseError) -> StorageError:
         msg = str(e.orig) if getattr(e, "orig", None) else str(e)
+        if "file is not a database" in msg and self.file is not None:
+            return StorageError(f"--storage {self.url!r}: {self.file} exists but is not a SQLite database; "
+                                "point --storage at a new or existing bbpt database file")
         if "readonly" in msg.replace(" ", "").lower():
             hint = "the database (or its folder) is read-only; make it writable or copy it elsewhere"
         elif isinstance(e, OperationalError):

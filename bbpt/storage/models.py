@@ -123,5 +123,5 @@ class WorkRow(Base):
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)
     claimed_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
-    runs: Mapped[int] = mapped_column(Integer, default=0)     # how many claims it took (takeovers show here)
+    runs: Mapped[int] = mapped_column(Integer, default=0)     # times claimed: a takeover adds one
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

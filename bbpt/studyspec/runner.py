@@ -156,16 +156,16 @@ def _run_claimed(s: Status, storage: Storage, lease, backends: dict, runs_dir: s
 
     p, cfg = s.study, s.study.config
     log.info("%s: %s", tag, "starting" if s.state == "new" else f"resuming at call {s.calls}/{cfg.budget}")
-    key = (cfg.backend, cfg.model, cfg.endpoint, cfg.device, cfg.dtype)
-    if key not in backends:     # one model load serves every study that uses it
-        from bbpt.session import open_backend
-
-        backends[key] = open_backend(cfg, os.environ.get("BBPT_API_KEY"))
-    backend = backends[key]
     fenced = storage.fenced(lease)
-    start, before = time.perf_counter(), _scoring_seconds(storage, p)
     try:
-        with lease.kept():
+        with lease.kept():      # from the claim on: a model load can outlast the lease
+            key = (cfg.backend, cfg.model, cfg.endpoint, cfg.device, cfg.dtype)
+            if key not in backends:     # one model load serves every study that uses it
+                from bbpt.session import open_backend
+
+                backends[key] = open_backend(cfg, os.environ.get("BBPT_API_KEY"))
+            backend = backends[key]
+            start, before = time.perf_counter(), _scoring_seconds(storage, p)
             try:
                 summary = _run_one(p, fenced, backend, runs_dir, progress)
             except (ObjectiveError, OptimizerError) as e:   # a diverged or broken search: record it, do the others
