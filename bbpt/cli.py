@@ -407,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the spec's runs folder, or the path each study recorded)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; loopback unless you mean otherwise")
     p.add_argument("--port", type=int, default=8080, help="port to listen on")
+    p.add_argument("--api-key", help="also accept specs to queue for `bbpt worker`s (POST /api/queue with "
+                   "'Authorization: Bearer KEY', the spec's TOML as the body); without it the view is read-only")
+    p.add_argument("--max-spec-kb", type=int, default=256, help="largest spec POST /api/queue accepts (413 above)")
 
     p = sub.add_parser("inspect", help="describe a saved prompt: nearest tokens, norms, drift, scores",
                        formatter_class=fmt, description="The prompt card of a saved prompt (the folder `bbpt "

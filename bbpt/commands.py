@@ -492,7 +492,7 @@ def cmd_dashboard(args) -> int:
     url = spec.storage_url(args.storage) if spec else args.storage
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("dashboard on %s: anyone who can reach this port can read every study in the storage", args.host)
-    app = create_app(url, spec=spec, runs_dir=args.runs)
+    app = create_app(url, spec=spec, runs_dir=args.runs, api_key=args.api_key, max_spec_bytes=args.max_spec_kb * 1024)
     print(f"bbpt dashboard of {url or 'the default storage'}: http://{args.host}:{args.port}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0

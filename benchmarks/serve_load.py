@@ -2,7 +2,8 @@
 
 Each client keeps one request in flight: a population of random prompt offsets over the first E SST-2
 training examples (all clients share the examples, as tuners of one task do, so the server may merge their
-requests into one forward). Prints requests/s, candidate-calls/s, p50/p99 latency and errors as JSON.
+requests into one forward). Prints requests/s, candidate-calls/s, p50/p99 latency, errors, and how many requests the server merged into each
+forward (its /health counters, read before and after), as JSON.
 
     bbpt serve --model smollm2-135m --port 8000 &
     python benchmarks/serve_load.py --endpoint http://127.0.0.1:8000 --clients 4 --seconds 60
@@ -52,16 +53,22 @@ async def main(args) -> dict:
         task = load_task(task="sst2", shots=16, seed=0)
         examples = [{"text": e.text} for e in task.train[:args.examples]]
         latencies, errors = [], []
+        before = (await http.get("/health")).json()
         start = time.perf_counter()
         await asyncio.gather(*(client(i, http, args, card, examples, start + args.seconds, latencies, errors)
                                for i in range(args.clients)))
         wall = time.perf_counter() - start
+        after = (await http.get("/health")).json()
+    served = after["score_requests"] - before["score_requests"]
+    forwards = after["forwards"] - before["forwards"]
     lat = np.asarray(latencies) if latencies else np.asarray([np.nan])
     return dict(model=card["id"], clients=args.clients, seconds=round(wall, 1), pop=args.pop,
                 examples=args.examples, requests=len(latencies), errors=len(errors), error_kinds=sorted(set(errors)),
                 requests_per_s=round(len(latencies) / wall, 3),
                 candidate_calls_per_s=round(len(latencies) * args.pop / wall, 3),
-                p50_s=round(float(np.percentile(lat, 50)), 3), p99_s=round(float(np.percentile(lat, 99)), 3))
+                p50_s=round(float(np.percentile(lat, 50)), 3), p99_s=round(float(np.percentile(lat, 99)), 3),
+                server_requests=served, server_forwards=forwards,
+                requests_per_forward=round(served / forwards, 2) if forwards else None)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,54 @@ def test_inspect_on_the_default_model_reports_drift_from_its_init_text(tmp_path,
     assert cli_main(["inspect", str(d)]) == 0
     text = capsys.readouterr().out
     assert "nearest-token hard prompt" in text and "not used for selection" in text
+
+
+# -- the queue: specs POSTed with the key, for `bbpt worker`s -------------------------------------------------
+
+QUEUED_SPEC = """
+name = "web"
+tasks = ["sst2", "rte"]
+seeds = [0, 1]
+budget = 20
+
+[[arms]]
+name = "cma"
+optimizer = "cma"
+"""
+
+
+def test_the_dashboard_queues_a_spec_only_with_its_key(storage_url):
+    Storage(storage_url)                                    # an empty database, at this bbpt's schema
+    read_only = TestClient(create_app(storage_url))
+    assert read_only.get("/api/queue").json() == {"rows": [], "accepts": False}
+    refused = read_only.post("/api/queue", content=QUEUED_SPEC)
+    assert refused.status_code == 403 and "--api-key" in refused.json()["error"]
+
+    client = TestClient(create_app(storage_url, api_key="s3cret", max_spec_bytes=1024))
+    key = {"Authorization": "Bearer s3cret"}
+    assert client.post("/api/queue", content=QUEUED_SPEC).status_code == 401
+    assert client.post("/api/queue", content=QUEUED_SPEC, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert client.post("/api/queue", content="#" * 2000, headers=key).status_code == 413
+    bad = client.post("/api/queue", content=QUEUED_SPEC.replace("budget", "budgte"), headers=key)
+    assert bad.status_code == 400 and "budgte" in bad.json()["error"]
+    assert client.get("/api/queue").json()["rows"] == []   # a refused spec queues nothing
+
+    ok = client.post("/api/queue", params={"path": "web.toml"}, content=QUEUED_SPEC, headers=key)
+    assert ok.status_code == 200 and ok.json() == dict(spec="web", queued=4, complete=0, studies=4)
+    rows = client.get("/api/queue").json()["rows"]
+    assert [(r["name"], r["state"], r["worker"]) for r in rows] == [
+        (f"web/{t}/cma/seed{s}", "pending", None) for s in (0, 1) for t in ("sst2", "rte")]
+    again = client.post("/api/queue", content=QUEUED_SPEC, headers=key)
+    assert again.json()["queued"] == 0                     # already queued: nothing twice
+
+
+def test_a_database_from_before_the_work_table_shows_no_queue(tmp_path):
+    db = tmp_path / "suite.db"
+    shutil.copy(SUITE_DB, db)
+    url = f"sqlite:///{db}"
+    from test_workers import as_written_before_migrations
+
+    as_written_before_migrations(url)
+    client = TestClient(create_app(url))
+    assert client.get("/api/queue").json()["rows"] == [] and client.get("/api/version").status_code == 200
+    assert len(client.get("/api/studies").json()) == 63

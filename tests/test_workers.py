@@ -293,6 +293,23 @@ def test_dry_run_and_studies_list_show_who_holds_a_study(one_worker, tmp_path, c
 COMMITTED = REPO / "studies" / "sst2_gradient_vs_dfo.toml"
 
 
+def as_written_before_migrations(url: str) -> None:
+    """Take a database (the committed ones are upgraded) back to what bbpt wrote before it had migrations:
+    schema 1, no work table, no alembic_version."""
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from bbpt.storage.migrate import alembic_config
+
+    if Storage(url, read_only=True).schema == 1:
+        return
+    engine = create_engine(url)
+    with engine.begin() as c:
+        command.downgrade(alembic_config(c), "0001")
+        c.exec_driver_sql("DROP TABLE alembic_version")
+    engine.dispose()
+
+
 def test_a_committed_database_upgrades_in_place_and_reports_byte_for_byte(tmp_path, monkeypatch, capsys):
     from bbpt.studyspec import load_spec, write_report
 
@@ -304,6 +321,7 @@ def test_a_committed_database_upgrades_in_place_and_reports_byte_for_byte(tmp_pa
     monkeypatch.chdir(tmp_path)
     rel, url = "studies/sst2_gradient_vs_dfo.toml", "sqlite:///studies/results/sst2_gradient_vs_dfo.db"
     committed = (results / "sst2_gradient_vs_dfo.md").read_text()
+    as_written_before_migrations(url)
     assert Storage(url, read_only=True).schema == 1
     before = dump(url)
     with pytest.raises(StorageError, match=r"has schema 1, from an older bbpt.*bbpt storage upgrade --storage"):

@@ -6,10 +6,15 @@ is never blocked or locked by the view. Pages are one HTML shell and a small scr
 plotly.js served from the installed plotly wheel (SVG traces, no WebGL, no CDN), so the view works offline
 and renders headless. A page polls ``/api/version`` every ~1.5 s and refetches its data when what is stored
 has changed.
+
+Started with ``--api-key``, and only then, it also takes specs to queue (``POST /api/queue``, validated as
+``bbpt study queue`` validates them) for ``bbpt worker``s to run: the one write it makes, through a writable
+storage opened for that request alone. The queue itself is shown either way.
 """
 
 from __future__ import annotations
 
+import hmac
 import html
 import json
 import logging
@@ -17,7 +22,7 @@ import threading
 from importlib import resources
 from pathlib import Path
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 import bbpt
@@ -43,7 +48,11 @@ def plotly_js() -> Path:
     return path
 
 
-def create_app(storage_url: str, *, spec=None, runs_dir: str | None = None, device: str = "cpu") -> FastAPI:
+MAX_SPEC_BYTES = 256 * 1024
+
+
+def create_app(storage_url: str, *, spec=None, runs_dir: str | None = None, device: str = "cpu",
+               api_key: str | None = None, max_spec_bytes: int = MAX_SPEC_BYTES) -> FastAPI:
     storage = Storage(storage_url, read_only=True)
     js = plotly_js()
     app = FastAPI(title="bbpt dashboard", version=bbpt.__version__, docs_url=None, redoc_url=None)
@@ -127,6 +136,37 @@ def create_app(storage_url: str, *, spec=None, runs_dir: str | None = None, devi
             return JSONResponse({"error": "name studies to compare (?study=A&study=B), or start the dashboard "
                                           "with --spec to compare a spec's arms"}, status_code=400)
         return data.compare_spec(storage, spec, task or spec.tasks[0])
+
+    # -- the queue ------------------------------------------------------------------------------------------
+    @app.get("/api/queue")
+    def api_queue():
+        return dict(rows=data.queue(storage), accepts=api_key is not None)
+
+    @app.post("/api/queue")
+    async def api_queue_spec(request: Request, path: str = "posted.toml"):
+        """The body is a spec's TOML text; ``path`` names it (in messages, and its runs folder's home)."""
+        if api_key is None:
+            return JSONResponse({"error": "this dashboard is read-only; start it with --api-key KEY to accept "
+                                          "specs to queue"}, status_code=403)
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            return JSONResponse({"error": "queueing needs the header 'Authorization: Bearer KEY' with the "
+                                          "dashboard's --api-key"}, status_code=401)
+        if int(request.headers.get("content-length") or 0) > max_spec_bytes:
+            return JSONResponse({"error": f"a spec is at most {max_spec_bytes} bytes"}, status_code=413)
+        body = await request.body()
+        if len(body) > max_spec_bytes:
+            return JSONResponse({"error": f"a spec is at most {max_spec_bytes} bytes"}, status_code=413)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError:
+            return JSONResponse({"error": "the spec should be UTF-8 TOML text"}, status_code=400)
+        from bbpt.studyspec.runner import queue_spec
+        from bbpt.studyspec.spec import spec_from_text
+
+        posted = spec_from_text(text, path)       # ConfigError -> 400 with the message `study queue` gives
+        added, done = queue_spec(posted, storage_url)
+        return dict(spec=posted.name, queued=added, complete=done, studies=len(posted.plan))
 
     # -- assets ---------------------------------------------------------------------------------------------
     @app.get("/static/plotly.min.js")

@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from bbpt.errors import ConfigError
 from bbpt.report import StudyReport, band, dev_curve, gather, table_rows, test_curve
 from bbpt.storage import CheckpointRow, EvaluationRow, Storage, StudyRow, TrialRow
+from bbpt.storage.models import WorkRow
 
 MAX_POINTS = 2000       # raw trial points a study page draws (every one is still in the paged table)
 AXES = ("calls", "seconds", "tokens")
@@ -41,16 +42,33 @@ def version(storage: Storage, study: str | None = None) -> dict:
     """A cheap fingerprint of what is stored (one query): a page refetches only when it changes."""
     with storage.session() as s:
         if study is None:
-            return dict(studies=s.scalar(select(func.count(StudyRow.id))),
-                        trials=s.scalar(select(func.max(TrialRow.id))),
-                        evaluations=s.scalar(select(func.max(EvaluationRow.id))),
-                        updated=str(s.scalar(select(func.max(StudyRow.updated)))))
+            out = dict(studies=s.scalar(select(func.count(StudyRow.id))),
+                       trials=s.scalar(select(func.max(TrialRow.id))),
+                       evaluations=s.scalar(select(func.max(EvaluationRow.id))),
+                       updated=str(s.scalar(select(func.max(StudyRow.updated)))))
+            if storage.schema >= 2:     # claims and queued work (not lease renewals, which tick all the time)
+                out["work"] = list(s.execute(select(func.count(WorkRow.id), func.sum(WorkRow.runs),
+                                                    func.count(WorkRow.worker),
+                                                    func.count(WorkRow.finished_at))).one())
+            return out
         row = s.scalar(select(StudyRow).where(StudyRow.name == study))
         if row is None:
             return dict(missing=True)
         return dict(state=row.state,
                     trials=s.scalar(select(func.count(TrialRow.id)).where(TrialRow.study_id == row.id)),
                     evaluations=s.scalar(select(func.count(EvaluationRow.id)).where(EvaluationRow.study_id == row.id)))
+
+
+def queue(storage: Storage) -> list[dict]:
+    """The work table (``bbpt study queue`` and every claim): who runs what, and for how much longer."""
+    import time
+
+    from bbpt.storage.work import Work
+
+    now = time.time()
+    return [dict(name=r.name, spec=r.spec_name, state=r.state, worker=r.worker if r.lease_until > now else None,
+                 lease_left=round(r.lease_until - now, 1) if r.worker and r.lease_until > now else None, runs=r.runs)
+            for r in Work(storage).rows().values()]
 
 
 def studies(storage: Storage) -> list[dict]:

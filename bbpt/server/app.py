@@ -139,7 +139,8 @@ def create_app(backend, api_key: str | None = None, prompts_dir=None, limits: Li
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_name}
+        # The counters let a load test (benchmarks/serve_load.py) say how many requests shared a forward.
+        return {"status": "ok", "model": model_name, "score_requests": worker.requests, "forwards": worker.forwards}
 
     @app.get("/v1/models")
     async def models():

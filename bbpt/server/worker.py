@@ -53,6 +53,7 @@ class ModelWorker:
         self._init: PromptInit | None = None
         self._encoded: OrderedDict = OrderedDict()
         self.forwards = 0            # backend.score calls, for tests and logs: merged requests share one
+        self.requests = 0            # score requests taken; requests / forwards is how much merging happened
 
     async def run(self, fn, *args):
         """Run ``fn(*args)`` on the model thread (for completions and other one-off model work)."""
@@ -66,6 +67,7 @@ class ModelWorker:
         job = _Job(key=(init, deltas is None, ex, template, labels), init=init, deltas=deltas, examples=ex,
                    template=template, label_words=labels, future=asyncio.get_running_loop().create_future())
         self._queue.append(job)
+        self.requests += 1
         if not self._draining:
             self._draining = True
             asyncio.get_running_loop().create_task(self._drain())

@@ -16,7 +16,7 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 BASELINE = "0001"
 
 
-def _config(connection: Connection | None = None):
+def alembic_config(connection: Connection | None = None):
     from alembic.config import Config
 
     cfg = Config()
@@ -28,7 +28,7 @@ def _config(connection: Connection | None = None):
 def _script():
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(_config())
+    return ScriptDirectory.from_config(alembic_config())
 
 
 def head() -> str:
@@ -58,7 +58,7 @@ def upgrade(engine) -> tuple[str | None, str]:
 
     with engine.begin() as conn:
         before = current(conn)
-        cfg = _config(conn)
+        cfg = alembic_config(conn)
         if before == BASELINE and not inspect(conn).has_table("alembic_version"):
             command.stamp(cfg, BASELINE)
         command.upgrade(cfg, "head")

@@ -63,7 +63,8 @@ function studiesPage() {
   $("#crumbs").textContent = "studies";
   const main = $("#main");
   main.innerHTML = `<h2 id="count"></h2><div id="speclinks"></div>
-    <div class="controls"><button id="cmp" disabled>compare selected</button></div><div id="list"></div>`;
+    <div class="controls"><button id="cmp" disabled>compare selected</button></div><div id="list"></div>
+    <div id="queue"></div>`;
   if (P.spec) {
     $("#speclinks").innerHTML = `spec <code>${esc(P.spec)}</code>, compare its arms on: ` +
       P.tasks.map((t) => `<a href="/compare?task=${encodeURIComponent(t)}">${esc(t)}</a>`).join(" · ");
@@ -82,6 +83,13 @@ function studiesPage() {
       num(s.best_loss), pct(s.dev), pct(s.test)]);
     $("#list").innerHTML = table(["", "study", "task", "optimizer", "state", "calls / budget", "best train loss",
                                   "dev %", "test %"], body, 4);
+    const q = await getJSON("/api/queue");   // claims and queued work: who runs what (bbpt worker)
+    const open = q.rows.filter((r) => r.state !== "done");
+    $("#queue").innerHTML = !q.rows.length ? "" :
+      `<h2>work: ${open.length} open, ${q.rows.length - open.length} done</h2>` + (open.length ? table(
+        ["study", "spec", "state", "held by", "lease left (s)", "claims"],
+        open.map((r) => [esc(r.name), esc(r.spec), esc(r.state), esc(r.worker || "-"),
+                         r.lease_left === null ? "-" : r.lease_left.toFixed(0), r.runs]), 4) : "");
     document.querySelectorAll("#list input[type=checkbox]").forEach((box) => {
       box.onchange = () => {
         box.checked ? picked.add(box.dataset.name) : picked.delete(box.dataset.name);
