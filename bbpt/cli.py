@@ -309,6 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_args(g)
     g.add_argument("--runs-dir", default="runs", help="where tuned prompts are saved, one folder per study")
     g.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    g.add_argument("--queue", action="store_true", help="do not run it here: queue it in --storage for a `bbpt "
+                   "worker` to run (the settings are checked now; the data and model where the worker runs)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("eval", help="score a saved prompt on a split", formatter_class=fmt,

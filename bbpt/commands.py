@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from bbpt.config import StudyConfig
-from bbpt.errors import ConfigError
+from bbpt.errors import ConfigError, StudyError
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ def cmd_optimize(args) -> int:
     from bbpt.study import run
 
     cfg = _config_from_args(args)
+    if args.queue:
+        return _queue_optimize(cfg, args)
     storage = Storage(args.storage)
     try:
         sess = Session(cfg, storage, name=args.study, runs_dir=args.runs_dir, api_key=args.api_key)
@@ -50,6 +52,28 @@ def cmd_optimize(args) -> int:
         print(json.dumps(summary))
     else:
         print(format_summary(summary))
+    return 0
+
+
+def _queue_optimize(cfg, args) -> int:
+    """`optimize --queue`: the study's config in the work table, for a `bbpt worker` to run."""
+    import uuid
+
+    from bbpt.session import check_flags
+    from bbpt.storage import Storage
+    from bbpt.storage.work import SpecSource, Work
+
+    check_flags(cfg)
+    name = args.study or f"{cfg.task or 'data'}-{cfg.optimizer.replace(':', '-')}-{uuid.uuid4().hex[:6]}"
+    storage = Storage(args.storage)
+    row = storage.get_study(name)
+    if row is not None and row.state == "complete" and row.config.get("budget") == cfg.budget:
+        raise StudyError(f"study {name!r} in {storage.url} is complete; pick a new --study name, or raise --budget "
+                         "to extend it")
+    added = Work(storage).enqueue([name], SpecSource("optimize", "", ""),
+                                  config={"study": cfg.to_dict(), "runs_dir": args.runs_dir})
+    what = f"queued study {name}" if added else f"study {name} was already queued"
+    print(f"{what} in {storage.url}; run it with: bbpt worker --storage {storage.url}")
     return 0
 
 

@@ -358,3 +358,20 @@ def test_a_newer_schema_is_refused_by_name(storage_url):
         s.connection().exec_driver_sql("INSERT INTO schema_version (version) VALUES (9)")
     with pytest.raises(StorageError, match=r"written by a newer bbpt \(schema 9, this bbpt knows 2\)"):
         Storage(storage_url, create=False)
+
+
+def test_a_single_optimize_study_queued_runs_on_a_worker_as_it_would_here(tmp_path, tiny_model_dir):
+    from study_helpers import optimize_args, trial_rows
+
+    here, queued = f"sqlite:///{tmp_path / 'here.db'}", f"sqlite:///{tmp_path / 'queued.db'}"
+    ran = cli(optimize_args(tiny_model_dir, here, "one", budget=12), cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    put = cli(optimize_args(tiny_model_dir, queued, "one", budget=12) + ["--queue"], cwd=tmp_path)
+    assert put.returncode == 0 and "queued study one" in put.stdout, put.stderr[-2000:]
+    assert Storage(queued, read_only=True).get_study("one") is None      # queued, not run
+    drained = cli(["-q", "worker", "--storage", queued, "--no-progress", "--until-empty"], cwd=tmp_path)
+    assert drained.returncode == 0, drained.stderr[-2000:]
+    assert Storage(queued, read_only=True).require_study("one").state == "complete"
+    assert trial_rows(queued, "one") == trial_rows(here, "one")
+    again = cli(optimize_args(tiny_model_dir, queued, "one", budget=12) + ["--queue"], cwd=tmp_path)
+    assert again.returncode == 2 and "study 'one'" in again.stderr and "is complete" in again.stderr

@@ -118,6 +118,8 @@ class WorkRow(Base):
     spec_name: Mapped[str] = mapped_column(String(200))
     spec_path: Mapped[str] = mapped_column(String(1000))    # as given when queued: messages and runs_dir
     spec_text: Mapped[str] = mapped_column(Text)
+    # A single `bbpt optimize --queue` study instead of a spec's: {"study": StudyConfig.to_dict(), "runs_dir"}.
+    config: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     state: Mapped[str] = mapped_column(String(20), default="pending")      # pending | done | failed
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_until: Mapped[float] = mapped_column(Float, default=0.0)

@@ -208,19 +208,22 @@ class Work:
             lease = self._take(row, now)
         return row, lease
 
-    def enqueue(self, names: list[str], source: SpecSource) -> int:
+    def enqueue(self, names: list[str], source: SpecSource, config: dict | None = None) -> int:
         """Queue studies for ``bbpt worker``s: new rows, and finished ones made pending again; studies a worker
-        holds are left to it. Returns how many were queued."""
+        holds are left to it. ``config`` queues one `bbpt optimize` study instead of a spec's. Returns how
+        many were queued."""
         added = 0
         with self._txn() as s:
             rows = {r.name: r for r in s.scalars(select(WorkRow).where(WorkRow.name.in_(names)))}
             for name in names:
                 row = rows.get(name)
                 if row is None:
-                    s.add(WorkRow(name=name, spec_name=source.name, spec_path=source.path, spec_text=source.text))
+                    s.add(WorkRow(name=name, spec_name=source.name, spec_path=source.path, spec_text=source.text,
+                                  config=config))
                 elif row.state != "pending":
                     row.state, row.finished_at = "pending", None
                     row.spec_name, row.spec_path, row.spec_text = source.name, source.path, source.text
+                    row.config = config
                 else:
                     continue
                 added += 1

@@ -8,7 +8,6 @@ the run stops and says which study and which setting, rather than mixing old and
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import platform
@@ -34,10 +33,14 @@ class Status:
 
 
 def status(spec: StudySpec, storage: Storage) -> list[Status]:
+    return statuses(spec.plan, storage)
+
+
+def statuses(plan: list[Planned], storage: Storage) -> list[Status]:
     from bbpt.studyspec.baselines import baseline_differences
 
     out = []
-    for p in spec.plan:
+    for p in plan:
         row = storage.get_study(p.name)
         if row is None:
             out.append(Status(p, "new", 0, [], None))
@@ -122,7 +125,7 @@ def run_spec(spec: StudySpec, *, storage_url: str | None = None, progress: bool 
                 continue
             ran = True
             # Read again under the claim: another worker may have finished it since the plan was read.
-            s = next(x for x in status(dataclasses.replace(spec, plan=[s.study]), storage))
+            [s] = statuses([s.study], storage)
             if _finished(s):
                 lease.release("done")
                 continue
@@ -190,7 +193,6 @@ def run_worker(storage_url: str | None = None, *, progress: bool = True, until_e
                worker: str | None = None, poll: float = 10.0) -> list[str]:
     """``bbpt worker``: run queued studies of any spec, one at a time, until stopped (or, with
     ``until_empty``, until no study is left pending); returns the names of those that failed."""
-    from bbpt.studyspec.spec import spec_from_text
     from bbpt.storage.work import Work
 
     storage = Storage(storage_url)
@@ -208,11 +210,8 @@ def run_worker(storage_url: str | None = None, *, progress: bool = True, until_e
             continue
         row, lease = got
         try:
-            spec = spec_from_text(row.spec_text, row.spec_path)
-            planned = next((p for p in spec.plan if p.name == row.name), None)
-            if planned is None:
-                raise StudyError(f"queued study {row.name!r} is not in its spec {row.spec_path!r} any more")
-            s = next(x for x in status(dataclasses.replace(spec, plan=[planned]), storage))
+            planned, runs_dir = _queued(row)
+            [s] = statuses([planned], storage)
             _refuse_stale([s], storage.url)
         except (ConfigError, StudyError) as e:
             log.error("%s cannot run: %s", row.name, e)
@@ -222,8 +221,24 @@ def run_worker(storage_url: str | None = None, *, progress: bool = True, until_e
         if _finished(s):
             lease.release("done")
             continue
-        if not _run_claimed(s, storage, lease, backends, spec.runs_dir, progress, row.name):
+        if not _run_claimed(s, storage, lease, backends, runs_dir, progress, row.name):
             failed.append(row.name)
+
+
+def _queued(row) -> tuple[Planned, str]:
+    """The study a work row describes, and where its prompt is saved: one of a spec's (rebuilt from the spec's
+    text), or a single `bbpt optimize --queue` study (its config)."""
+    from bbpt.studyspec.spec import Arm, spec_from_text
+
+    if row.config is not None:
+        cfg = StudyConfig.from_dict(row.config["study"])
+        arm = Arm(name="optimize", optimizer=cfg.optimizer, settings={})
+        return Planned(row.name, cfg.task or str(cfg.data), arm, cfg.seed, cfg), row.config["runs_dir"]
+    spec = spec_from_text(row.spec_text, row.spec_path)
+    planned = next((p for p in spec.plan if p.name == row.name), None)
+    if planned is None:
+        raise StudyError(f"queued study {row.name!r} is not in its spec {row.spec_path!r} any more")
+    return planned, spec.runs_dir
 
 
 def queue_spec(spec: StudySpec, storage_url: str | None = None) -> tuple[int, int]:

@@ -24,7 +24,8 @@ def upgrade() -> None:
     op.create_table(
         "work", sa.Column("id", sa.Integer, primary_key=True), sa.Column("name", sa.String(200), unique=True, nullable=False),
         sa.Column("spec_name", sa.String(200), nullable=False), sa.Column("spec_path", sa.String(1000), nullable=False),
-        sa.Column("spec_text", sa.Text, nullable=False), sa.Column("state", sa.String(20), nullable=False),
+        sa.Column("spec_text", sa.Text, nullable=False), sa.Column("config", sa.JSON, nullable=True),
+        sa.Column("state", sa.String(20), nullable=False),
         sa.Column("worker", sa.String(200), nullable=True), sa.Column("lease_until", sa.Float, nullable=False),
         sa.Column("claimed_at", sa.Float, nullable=True), sa.Column("finished_at", sa.Float, nullable=True),
         sa.Column("runs", sa.Integer, nullable=False), sa.Column("created", sa.DateTime(timezone=True), nullable=False))
