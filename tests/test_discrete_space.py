@@ -156,12 +156,16 @@ def test_a_database_without_the_request_cache_table_still_opens(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.db'}"
     store = Storage(url)
     store.create_study("s", {"optimizer": "cma"}, bbpt_version="0", model="m")
+    from test_workers import as_written_before_migrations
+
+    as_written_before_migrations(url)              # schema 1, and from before the table existed:
     con = sqlite3.connect(tmp_path / "old.db")
-    con.execute("DROP TABLE request_cache")        # as written by a bbpt from before the table existed
+    con.execute("DROP TABLE request_cache")
     con.commit()
     con.close()
-    Storage(url, create=False).delete_study("s")   # read-only commands do not add the table
-    store = Storage(url)                           # opening for writing adds it
+    Storage(url, create=False).delete_study("s")   # commands that do not write results still work on it
+    Storage(url, create=False).upgrade()           # the migration to schema 2 adds the table
+    store = Storage(url)
     row = store.create_study("t", {"optimizer": "cma"}, bbpt_version="0", model="m")
     cache = store.request_cache(row.id)
     cache.put_many({"k": {"top": {"a": -1.0}}})
