@@ -143,10 +143,10 @@ class Storage:
 
     def _create_schema(self, create: bool) -> None:
         with self.session() as s, s.begin():
-            if create and self.url.startswith("sqlite"):
+            if create:
                 # Look and create under the write lock, with the DDL inside the transaction: a process opening
                 # the file at the same moment then sees no tables or all of them with their schema version.
-                s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+                self._lock_now(s)
             have = inspect(s.connection())
             if not create and not have.has_table(StudyRow.__tablename__):
                 raise StorageError(f"storage {self.url!r} holds no bbpt tables; check --storage (or "
@@ -209,15 +209,29 @@ class Storage:
 
     _fence = None
 
+    def _lock_now(self, s: Session) -> None:
+        """SQLite: take the write lock at the start of the transaction, not at its first write. A transaction
+        that reads and then writes needs it: under WAL, one that read before another process wrote can no
+        longer write at all. (PostgreSQL locks the rows it reads instead: FOR UPDATE.)"""
+        if self.url.startswith("sqlite"):
+            s.connection().exec_driver_sql("BEGIN IMMEDIATE")
+
     @contextmanager
-    def _write(self):
+    def _write(self, *, lock_now: bool = False, races: bool = False):
         """A write transaction whose database errors (read-only, locked past the timeout, server gone)
-        become a StorageError that names the storage, instead of a traceback."""
+        become a StorageError that names the storage, instead of a traceback. ``lock_now``: see _lock_now;
+        ``races=True`` lets an IntegrityError (two processes inserting one row) through to the caller."""
         try:
             with self.session() as s, s.begin():
+                if lock_now:
+                    self._lock_now(s)
                 if self._fence is not None:
                     self._fence.check(s)
                 yield s
+        except IntegrityError as e:
+            if races:
+                raise
+            raise self._error(e) from None
         except DatabaseError as e:
             raise self._error(e) from None
 

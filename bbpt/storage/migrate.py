@@ -31,10 +31,6 @@ def _script():
     return ScriptDirectory.from_config(alembic_config())
 
 
-def head() -> str:
-    return _script().get_current_head()
-
-
 def stamp_head(connection: Connection) -> None:
     """Mark a database just created from the models as being at the newest revision (in the caller's
     transaction, so a database is never left with tables but no revision)."""

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import inspect, or_, select, update
-from sqlalchemy.exc import DatabaseError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
 from bbpt.errors import StorageError
 from bbpt.storage.models import WorkRow
@@ -157,22 +157,10 @@ class Work:
         """False for a database from before the work table (read-only commands still open those)."""
         return inspect(self.storage.engine).has_table(WorkRow.__tablename__)
 
-    @contextmanager
     def _txn(self, races: bool = False):
-        """A write transaction; ``races=True`` lets an IntegrityError (two workers inserting one row) through."""
-        try:
-            with self.storage.session() as s, s.begin():
-                if self.storage.url.startswith("sqlite"):
-                    # Take the write lock now, not at the first write: under WAL, a transaction that read
-                    # before another process wrote can no longer write at all.
-                    s.connection().exec_driver_sql("BEGIN IMMEDIATE")
-                yield s
-        except IntegrityError as e:
-            if races:
-                raise
-            raise self.storage._error(e) from None
-        except DatabaseError as e:
-            raise self.storage._error(e) from None
+        """A claim's transaction: it reads, then writes, so it takes SQLite's write lock at once; never fenced
+        (this is the table the fence reads)."""
+        return self.storage._write(lock_now=True, races=races)
 
     def _take(self, row: WorkRow, now: float) -> Lease:
         row.worker, row.lease_until, row.claimed_at = self.worker, now + self.seconds, now

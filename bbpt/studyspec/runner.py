@@ -98,14 +98,15 @@ def run_spec(spec: StudySpec, *, storage_url: str | None = None, progress: bool 
     if not storage_url and not spec.storage:
         spec.results_dir.mkdir(parents=True, exist_ok=True)     # the default home of the database
     storage = Storage(url)
-    _refuse_stale(status(spec, storage), url)
+    first = status(spec, storage)
+    _refuse_stale(first, url)
     work = Work(storage, worker)
     source = SpecSource(spec.name, str(spec.path), spec.source)
     backends: dict[tuple, object] = {}
     failed: list[str] = []
     started = time.time()
     index = {p.name: i for i, p in enumerate(spec.plan, 1)}
-    for s in status(spec, storage):
+    for s in first:
         if _finished(s):
             log.info("[%d/%d] %s: complete, skipped", index[s.study.name], len(spec.plan), s.study.name)
     while True:
