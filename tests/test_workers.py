@@ -375,3 +375,9 @@ def test_a_single_optimize_study_queued_runs_on_a_worker_as_it_would_here(tmp_pa
     assert trial_rows(queued, "one") == trial_rows(here, "one")
     again = cli(optimize_args(tiny_model_dir, queued, "one", budget=12) + ["--queue"], cwd=tmp_path)
     assert again.returncode == 2 and "study 'one'" in again.stderr and "is complete" in again.stderr
+
+
+def test_a_worker_pointed_at_no_database_says_so_and_creates_none(tmp_path, capsys):
+    missing = tmp_path / "typo.db"
+    assert main(["worker", "--storage", f"sqlite:///{missing}", "--until-empty"]) == 2
+    assert "there is no database at" in capsys.readouterr().err and not missing.exists()

@@ -196,7 +196,8 @@ def run_worker(storage_url: str | None = None, *, progress: bool = True, until_e
     ``until_empty``, until no study is left pending); returns the names of those that failed."""
     from bbpt.storage.work import Work
 
-    storage = Storage(storage_url)
+    Storage(storage_url, create=False)      # a mistyped URL fails here instead of creating an empty queue
+    storage = Storage(storage_url)          # and an older database is refused with the upgrade command
     work = Work(storage, worker)
     backends: dict[tuple, object] = {}
     failed: list[str] = []
