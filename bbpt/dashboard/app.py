@@ -65,8 +65,9 @@ def create_app(storage_url: str, *, spec=None, runs_dir: str | None = None, devi
     def page(kind: str, title: str, **params) -> HTMLResponse:
         attrs = json.dumps(dict(page=kind, poll=POLL_MS, spec=spec.name if spec else None,
                                 tasks=spec.tasks if spec else [], **params))
-        # plotly.js is 4.8 MB to parse: only the pages that draw load it
-        plots = '<script src="/static/plotly.min.js"></script>\n' if kind != "studies" else ""
+        # plotly.js is 4.8 MB to parse: only the pages that draw load it, deferred, so that bbpt.js (loaded
+        # first, in <head>) has the page's data on its way while the browser parses it
+        plots = '<script src="/static/plotly.min.js" defer></script>\n' if kind != "studies" else ""
         return HTMLResponse(shell.replace("{{title}}", html.escape(title)).replace("{{plotly}}", plots)
                             .replace("{{params}}", html.escape(attrs, quote=True)))
 

@@ -1,8 +1,10 @@
 // bbpt dashboard: three pages (studies, study, compare), each drawn from the JSON the server sends and
 // redrawn when /api/version says storage changed. No framework, no build step; plots are plotly's SVG traces.
+// Loaded in <head>, before plotly.js: it asks for the page's first data at once (see EARLY), and draws the page
+// when the document (plotly.js included, deferred) has been parsed.
 "use strict";
 
-const P = JSON.parse(document.body.dataset.params);
+const P = JSON.parse(document.documentElement.dataset.params);
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
                 "#bcbd22", "#17becf"];
 const $ = (sel) => document.querySelector(sel);
@@ -20,6 +22,24 @@ async function getJSON(url) {
   return body;
 }
 
+// The first responses a page needs, requested while the browser is still parsing plotly.js (most of a drawing
+// page's load time), so the server's work overlaps it. Each data URL is requested only after its page's version
+// has answered, so the version a page starts from is never newer than its data (no change can be missed).
+const EARLY = new Map();
+
+function prefetch(versionUrl, urls) {
+  const keep = (url, promise) => { promise.catch(() => {}); EARLY.set(url, promise); return promise; };
+  const version = keep(versionUrl, getJSON(versionUrl));
+  for (const url of urls) keep(url, version.then(() => getJSON(url)));
+}
+
+// A prefetched response, once; after that (or for any other URL) a fresh request.
+function take(url) {
+  const early = EARLY.get(url);
+  EARLY.delete(url);
+  return early || getJSON(url);
+}
+
 function showError(e) {
   const f = $("#error");
   f.hidden = !e;
@@ -32,7 +52,7 @@ function live(versionUrl, refresh) {
   let last = null;
   async function tick() {
     try {
-      const v = JSON.stringify(await getJSON(versionUrl));
+      const v = JSON.stringify(await take(versionUrl));
       if (v !== last) { last = v; await refresh(); }
       showError(null);
     } catch (e) { showError(e); }
@@ -74,7 +94,7 @@ function studiesPage() {
     location.href = "/compare?" + [...picked].map((n) => "study=" + encodeURIComponent(n)).join("&");
   };
   live("/api/version", async () => {
-    const rows = await getJSON("/api/studies");
+    const rows = await take("/api/studies");
     $("#count").textContent = `${rows.length} ${rows.length === 1 ? "study" : "studies"}`;
     const body = rows.map((s) => [
       `<input type="checkbox" data-name="${esc(s.name)}" ${picked.has(s.name) ? "checked" : ""}>`,
@@ -83,7 +103,7 @@ function studiesPage() {
       num(s.best_loss), pct(s.dev), pct(s.test)]);
     $("#list").innerHTML = table(["", "study", "task", "optimizer", "state", "calls / budget", "best train loss",
                                   "dev %", "test %"], body, 4);
-    const q = await getJSON("/api/queue");   // claims and queued work: who runs what (bbpt worker)
+    const q = await take("/api/queue");   // claims and queued work: who runs what (bbpt worker)
     const open = q.rows.filter((r) => r.state !== "done");
     $("#queue").innerHTML = !q.rows.length ? "" :
       `<h2>work: ${open.length} open, ${q.rows.length - open.length} done</h2>` + (open.length ? table(
@@ -100,6 +120,10 @@ function studiesPage() {
 }
 
 // ---- one study ---------------------------------------------------------------------------------------------
+const TRIALS_PER_PAGE = 50;
+const trialsUrl = (name, offset) => `${apiStudy(name)}/trials?offset=${offset}&limit=${TRIALS_PER_PAGE}`;
+const studyVersionUrl = (name) => `/api/version?study=${encodeURIComponent(name)}`;
+
 function studyPage() {
   const name = P.study;
   $("#crumbs").textContent = "/ " + name;
@@ -113,7 +137,6 @@ function studyPage() {
     <h3>Trials</h3><div class="controls"><button id="prev">previous</button> <span id="range"></span>
       <button id="next">next</button></div><div id="trials"></div>`;
   let axis = "calls", d = null, offset = 0, cardShown = false;
-  const LIMIT = 50;
   document.querySelectorAll("input[name=axis]").forEach((r) => {
     r.onchange = () => { axis = r.value; plots(); };
   });
@@ -142,18 +165,18 @@ function studyPage() {
       `passes through all ${d.best_loss.y.length} of its changes`;
   }
   async function trials() {
-    const t = await getJSON(`${apiStudy(name)}/trials?offset=${offset}&limit=${LIMIT}`);
+    const t = await take(trialsUrl(name, offset));
     $("#range").textContent = t.total ? `${t.offset + 1}–${t.offset + t.rows.length} of ${t.total}` : "none yet";
     $("#prev").disabled = offset === 0;
-    $("#next").disabled = offset + LIMIT >= t.total;
+    $("#next").disabled = offset + TRIALS_PER_PAGE >= t.total;
     $("#trials").innerHTML = table(["trial", "generation", "loss", "accuracy", "batch", "calls", "tokens", "seconds"],
       t.rows.map((r) => [r.number, r.generation, num(r.loss), pct(r.accuracy), r.batch ?? "", r.calls, r.tokens,
                          num(r.seconds, 3)]));
   }
-  $("#prev").onclick = () => { offset = Math.max(0, offset - LIMIT); trials(); };
-  $("#next").onclick = () => { offset += LIMIT; trials(); };
+  $("#prev").onclick = () => { offset = Math.max(0, offset - TRIALS_PER_PAGE); trials(); };
+  $("#next").onclick = () => { offset += TRIALS_PER_PAGE; trials(); };
   async function card() {
-    const c = await getJSON(`${apiStudy(name)}/card`);
+    const c = await take(`${apiStudy(name)}/card`);
     if (!c.available) { $("#card").textContent = c.reason; return; }
     cardShown = true;
     const s = c.scores, m = s.metric;
@@ -172,8 +195,8 @@ function studyPage() {
     $("#card").innerHTML = h;
     $("#card").classList.remove("muted");
   }
-  live(`/api/version?study=${encodeURIComponent(name)}`, async () => {
-    d = await getJSON(apiStudy(name));
+  live(studyVersionUrl(name), async () => {
+    d = await take(apiStudy(name));
     $("#state").innerHTML = `<span class="state-${esc(d.state)}">${esc(d.state)}</span>`;
     const c = d.config;
     $("#facts").textContent = `${c.task || c.data} · ${d.optimizer} · ${d.trials} trials · budget ${d.budget} calls · ` +
@@ -186,10 +209,11 @@ function studyPage() {
 }
 
 // ---- compare -----------------------------------------------------------------------------------------------
+const compareUrl = () => "/api/compare?" + (P.studies.length ?
+  P.studies.map((n) => "study=" + encodeURIComponent(n)).join("&") : "task=" + encodeURIComponent(P.task || ""));
+
 function comparePage() {
   $("#crumbs").textContent = "/ compare";
-  const q = P.studies.length ? P.studies.map((n) => "study=" + encodeURIComponent(n)).join("&")
-                             : "task=" + encodeURIComponent(P.task || "");
   $("#main").innerHTML = `<h2 id="title">compare</h2><div id="tasks"></div><div id="table"></div>
     <div class="plots" id="plots"></div><p class="note">Bands: mean over seeds (line), min to max (shaded),
     each seed faint; dashed lines are arms with no search (their mean).</p>`;
@@ -198,7 +222,7 @@ function comparePage() {
       `<a href="/compare?task=${encodeURIComponent(t)}">${esc(t)}</a>`).join(" · ");
   }
   live("/api/version", async () => {
-    const d = await getJSON("/api/compare?" + q);
+    const d = await take(compareUrl());
     $("#title").textContent = d.kind === "spec" ? `${d.spec}: ${d.task}` : "compare studies";
     $("#table").innerHTML = table(d.head, d.rows.map((r) => r.map(esc)), d.kind === "spec" ? 2 : 3);
     const box = $("#plots");
@@ -251,4 +275,11 @@ function bandTraces(panel, axis) {
   return traces;
 }
 
-({studies: studiesPage, study: studyPage, compare: comparePage})[P.page]();
+const PAGES = {
+  studies: {draw: studiesPage, first: () => prefetch("/api/version", ["/api/studies", "/api/queue"])},
+  // (not the prompt card: it may load a model's embedding table, and is asked for once the curves are drawn)
+  study: {draw: studyPage, first: () => prefetch(studyVersionUrl(P.study), [apiStudy(P.study), trialsUrl(P.study, 0)])},
+  compare: {draw: comparePage, first: () => prefetch("/api/version", [compareUrl()])},
+};
+PAGES[P.page].first();
+document.addEventListener("DOMContentLoaded", PAGES[P.page].draw);
