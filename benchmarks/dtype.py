@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 
 import numpy as np
@@ -68,10 +69,11 @@ def main() -> None:
             row["loss_spearman"] = round(float(spearmanr(losses(scores["float32"], labels),
                                                          losses(scores["bfloat16"], labels))[0]), 4)
             rows.append(row)
-            if not args.json:
-                print(f"{name:>8} {placement:>6}: float32 {row['float32_s_per_call']:.3f} s, bfloat16 "
-                      f"{row['bfloat16_s_per_call']:.3f} s ({row['speedup']:.2f}x); max |diff| "
-                      f"{row['max_abs_logprob_diff']:.3f}, loss Spearman {row['loss_spearman']:.3f}", flush=True)
+            # a line per row as it lands (stderr under --json), so a long run that is cut short still says something
+            print(f"{name:>8} {placement:>6}: float32 {row['float32_s_per_call']:.3f} s, bfloat16 "
+                  f"{row['bfloat16_s_per_call']:.3f} s ({row['speedup']:.2f}x); max |diff| "
+                  f"{row['max_abs_logprob_diff']:.3f}, loss Spearman {row['loss_spearman']:.3f}",
+                  file=sys.stderr if args.json else sys.stdout, flush=True)
     out = dict(machine=platform.platform(), processor=platform.processor() or platform.machine(),
                cpu_bf16=bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
                threads=torch.get_num_threads(), torch=torch.__version__, pop=args.pop, rows=rows)
