@@ -254,6 +254,8 @@ def _describe(spec: StudySpec, arm: Arm) -> str:
              f"space {cfg.space}"]
     if cfg.prompt_position:
         parts.append(f"prompt {cfg.prompt_position}")
+    if cfg.dtype != "float32":          # float32 is the default and what most arms ran; say when it is not
+        parts.append(f"model in {cfg.dtype}")
     if cfg.space == "projected":
         parts += [f"d {cfg.intrinsic_dim}", f"alpha {cfg.alpha:g}"]
     parts += [f"lr {cfg.lr:g}"] if arm.optimizer == "backprop" else [f"popsize {cfg.popsize}", f"sigma0 {cfg.sigma0:g}"]
