@@ -26,11 +26,6 @@ import numpy as np
 TASKS = ["sst2", "yelp", "agnews", "dbpedia", "mrpc", "snli", "rte"]
 
 
-def losses(logprobs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    lp = logprobs - np.log(np.exp(logprobs).sum(-1, keepdims=True))
-    return -lp[:, np.arange(len(labels)), labels].mean(1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", default=",".join(TASKS))
@@ -43,6 +38,7 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from adapters.hf import HFBackend
+    from bbpt.objective import loss
     from bbpt.prompt import PromptInit
     from bbpt.tasks import load_task
 
@@ -66,8 +62,8 @@ def main() -> None:
                 row[f"{dt}_s_per_call"] = round((time.perf_counter() - t) / args.pop, 4)
             row["speedup"] = round(row["float32_s_per_call"] / row["bfloat16_s_per_call"], 2)
             row["max_abs_logprob_diff"] = round(float(np.abs(scores["float32"] - scores["bfloat16"]).max()), 3)
-            row["loss_spearman"] = round(float(spearmanr(losses(scores["float32"], labels),
-                                                         losses(scores["bfloat16"], labels))[0]), 4)
+            row["loss_spearman"] = round(float(spearmanr(loss(scores["float32"], labels),
+                                                         loss(scores["bfloat16"], labels))[0]), 4)
             rows.append(row)
             # a line per row as it lands (stderr under --json), so a long run that is cut short still says something
             print(f"{name:>8} {placement:>6}: float32 {row['float32_s_per_call']:.3f} s, bfloat16 "

@@ -8,16 +8,12 @@ import numpy as np
 import pytest
 
 
-def _losses(logprobs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    lp = logprobs - np.log(np.exp(logprobs).sum(-1, keepdims=True))      # over the label words
-    return -lp[:, np.arange(len(labels)), labels].mean(1)
-
-
 @pytest.mark.slow
 def test_bfloat16_ranks_a_population_as_float32_does_on_the_default_model(default_model_dir):
     """The search only needs the order of a population's losses: bf16 must keep it wherever float32's
     losses are told apart by more than bf16's rounding (and its scores must stay close)."""
     from adapters.hf import HFBackend
+    from bbpt.objective import loss
     from bbpt.prompt import PromptInit
     from bbpt.tasks import load_task
 
@@ -35,7 +31,7 @@ def test_bfloat16_ranks_a_population_as_float32_does_on_the_default_model(defaul
         got[dtype] = np.asarray(b.score(deltas, b.encode(task.train, task.template, task.label_words)).logprobs,
                                 dtype=np.float64)
     assert np.abs(got["float32"] - got["bfloat16"]).max() < 0.75
-    l32, l16 = _losses(got["float32"], labels), _losses(got["bfloat16"], labels)
+    l32, l16 = loss(got["float32"], labels), loss(got["bfloat16"], labels)
     assert np.ptp(l32) > 0.1, l32                  # the population is not a tie: the order means something
     # every pair float32 tells apart by more than bf16's rounding of a loss (~0.02 here) keeps its order
     pairs = [(i, j) for i in range(len(l32)) for j in range(len(l32)) if l32[i] + 0.02 < l32[j]]

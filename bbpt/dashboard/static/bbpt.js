@@ -176,7 +176,7 @@ function studyPage() {
   $("#prev").onclick = () => { offset = Math.max(0, offset - TRIALS_PER_PAGE); trials(); };
   $("#next").onclick = () => { offset += TRIALS_PER_PAGE; trials(); };
   async function card() {
-    const c = await take(`${apiStudy(name)}/card`);
+    const c = await getJSON(`${apiStudy(name)}/card`);   // never prefetched: it may load a model
     if (!c.available) { $("#card").textContent = c.reason; return; }
     cardShown = true;
     const s = c.scores, m = s.metric;
