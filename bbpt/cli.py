@@ -197,6 +197,7 @@ def _add_study_parser(sub) -> None:
     sp.add_argument("--arms", type=_names, metavar="A,B", help="run only these arms (comma-separated), e.g. the "
                     "two a question needs first; the others stay for a later run into the same storage")
     sp.add_argument("--seeds", type=_ints, metavar="0,1", help="run only these of the spec's seeds")
+    sp.add_argument("--tasks", type=_names, metavar="T,U", help="run only these of the spec's tasks")
     sp.add_argument("--workers", type=int, default=1, metavar="K",
                     help="run K worker processes here (each with 1/K of the CPU threads). Any number of `bbpt "
                     "study run` processes, on one host (SQLite) or many (PostgreSQL), may share one storage: each "
@@ -211,6 +212,7 @@ def _add_study_parser(sub) -> None:
                                       "workers on several machines)")
     sp.add_argument("--arms", type=_names, metavar="A,B", help="queue only these arms")
     sp.add_argument("--seeds", type=_ints, metavar="0,1", help="queue only these of the spec's seeds")
+    sp.add_argument("--tasks", type=_names, metavar="T,U", help="queue only these of the spec's tasks")
     sp = ssub.add_parser("report", help="write the spec's markdown report and plots from its storage",
                          description="Write <spec folder>/results/<name>.md: per task, mean ± std over seeds of "
                          "dev and test score per arm, calls, tokens, seconds and calls to reach the reference "

@@ -357,7 +357,7 @@ def cmd_study(args) -> int:
         print(f"report written to {out}")
         return 0
     url = spec.storage_url(args.storage)
-    spec = spec.only(args.arms, args.seeds)
+    spec = spec.only(args.arms, args.seeds, args.tasks)
     if args.action == "queue":
         from bbpt.studyspec.runner import queue_spec
 
@@ -393,7 +393,7 @@ def _study_workers(args, url: str) -> int:
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     argv = [sys.executable, "-m", "bbpt.cli", "study", "run", args.spec, "--storage", url, "--no-progress"]
-    for flag, values in (("--arms", args.arms), ("--seeds", args.seeds)):
+    for flag, values in (("--arms", args.arms), ("--seeds", args.seeds), ("--tasks", args.tasks)):
         if values:
             argv += [flag, ",".join(map(str, values))]
     print(f"{args.workers} workers on {url}, {threads} thread(s) each", file=sys.stderr)

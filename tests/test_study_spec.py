@@ -251,7 +251,12 @@ def test_arms_and_seeds_select_part_of_the_plan(tmp_path, tiny_model_dir, capsys
     assert "'nope', which is not an arm of this spec" in err and "manual, icl, bp, cma" in err
     assert main(["study", "run", str(spec), "--seeds", "7"]) == 2
     assert "--seeds names 7" in capsys.readouterr().err
+    assert main(["study", "run", str(spec), "--tasks", "rte"]) == 2
+    assert "--tasks names 'rte', which is not a task of this spec; its tasks are sst2" in capsys.readouterr().err
     assert len(rows(url, "SELECT name FROM studies")) == 2      # the refused runs wrote nothing
+    assert main(["-q", "study", "run", str(spec), "--no-progress", "--arms", "manual", "--tasks", "sst2",
+                 "--seeds", "0"]) == 0
+    assert len(rows(url, "SELECT name FROM studies")) == 3
 
 
 def test_export_of_a_baseline_arm_says_there_is_nothing_to_export(finished, tmp_path, capsys):

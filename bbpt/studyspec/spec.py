@@ -103,9 +103,10 @@ class StudySpec:
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
 
-    def only(self, arms: list[str] | None = None, seeds: list[int] | None = None) -> "StudySpec":
-        """The same spec with its plan cut to some arms and seeds (``bbpt study run --arms/--seeds``), e.g. to
-        run the arms a question needs first; the rest stays runnable later into the same storage."""
+    def only(self, arms: list[str] | None = None, seeds: list[int] | None = None,
+             tasks: list[str] | None = None) -> "StudySpec":
+        """The same spec with its plan cut to some arms, seeds and tasks (``bbpt study run --arms/--seeds/--tasks``),
+        e.g. to run the arms a question needs first; the rest stays runnable later into the same storage."""
         for a in arms or []:
             if not any(x.name == a for x in self.arms):
                 raise ConfigError(f"{self.path}: --arms names {a!r}, which is not an arm of this spec; its arms are "
@@ -114,7 +115,12 @@ class StudySpec:
             if s not in self.seeds:
                 raise ConfigError(f"{self.path}: --seeds names {s}, which is not among the spec's seeds "
                                   f"{self.seeds}; add it to seeds = [...] in the spec to run it")
-        plan = [p for p in self.plan if (not arms or p.arm.name in arms) and (not seeds or p.seed in seeds)]
+        for t in tasks or []:
+            if t not in self.tasks:
+                raise ConfigError(f"{self.path}: --tasks names {t!r}, which is not a task of this spec; its tasks are "
+                                  f"{', '.join(self.tasks)}")
+        plan = [p for p in self.plan if (not arms or p.arm.name in arms) and (not seeds or p.seed in seeds)
+                and (not tasks or p.task in tasks)]
         return dataclasses.replace(self, plan=plan)
 
 
