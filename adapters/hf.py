@@ -109,6 +109,7 @@ def _cpu_has_fast(dtype) -> bool:
 # the README was measured with; a GPU is mostly idle in a SmolLM2 forward of 2,048 tokens (kernel launches
 # dominate), so it takes 8x the tokens, and it has the memory to keep every task's encoded inputs.
 DEVICE_LIMITS = {"cpu": (2048, 1024.0), "cuda": (16384, 8192.0)}
+MIN_BATCH_TOKENS = 256      # below this a forward is mostly overhead: out of memory there is the device's fault
 
 
 class HFBackend:
@@ -271,6 +272,25 @@ class HFBackend:
         return template.render(ex)
 
     def score(self, deltas: np.ndarray | TextPrompts | None, batch: EncodedBatch) -> ScoreResult:
+        """Scores as :meth:`_score`. Out of GPU memory (other processes share the card, or the inputs are long),
+        it drops the kept keys/values, halves the tokens per forward and the cache, and tries again: the same
+        scores, in more and smaller forwards (seen with 12 study workers on one H200, each keeping ~15 GB)."""
+        while True:
+            try:
+                return self._score(deltas, batch)
+            except self.torch.cuda.OutOfMemoryError as e:
+                if self.max_batch_tokens <= MIN_BATCH_TOKENS:
+                    raise BackendError(f"out of memory on {self.device} even at {self.max_batch_tokens} tokens "
+                                       f"per forward ({str(e).splitlines()[0]}); free the device (fewer study "
+                                       "--workers on it) or score on another") from None
+                self.close()
+                self.torch.cuda.empty_cache()
+                self.max_batch_tokens //= 2
+                self.kv_cache_bytes //= 2
+                log.warning("out of memory on %s: retrying with %d tokens per forward and %.0f MB of kept "
+                            "keys/values", self.device, self.max_batch_tokens, self.kv_cache_bytes / 2**20)
+
+    def _score(self, deltas: np.ndarray | TextPrompts | None, batch: EncodedBatch) -> ScoreResult:
         torch = self.torch
         with torch.inference_mode():
             if isinstance(deltas, TextPrompts):

@@ -234,3 +234,35 @@ def _rss_mb() -> float:
         import os
 
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_out_of_device_memory_retries_in_smaller_forwards_with_the_same_scores(backend, monkeypatch, caplog):
+    # A GPU shared by several study workers runs out of memory mid-study (seen with 12 on one H200). The
+    # backend must shrink its forwards and carry on, not kill the worker: here "memory" is any forward of more
+    # than 64 tokens (the input's keys/values kept across calls are recomputed, in smaller forwards).
+    from bbpt.errors import BackendError
+
+    b = backend
+    b.set_init(PromptInit("vocab", 3, seed=2))
+    batch = b.encode(examples(), Template(TEMPLATES["infix"]), LABELS)
+    d = deltas(b)
+    ref = uncached(b, d, batch)
+    forward = b.model.forward
+
+    def small_memory(*args, limit=64, **kw):
+        x = kw.get("inputs_embeds", kw.get("input_ids"))
+        if x is not None and x.shape[0] * x.shape[1] > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 46.00 MiB.")
+        return forward(*args, **kw)
+
+    b.close()
+    b.max_batch_tokens = 2048
+    monkeypatch.setattr(hf, "MIN_BATCH_TOKENS", 16)      # the tiny examples' forwards are far below 256 tokens
+    monkeypatch.setattr(b.model, "forward", small_memory)
+    with caplog.at_level(logging.WARNING, logger="adapters.hf"):
+        got = b.score(d, batch)
+    np.testing.assert_allclose(got.logprobs, ref, atol=1e-4)
+    assert 16 <= b.max_batch_tokens <= 64 and "out of memory" in caplog.text
+    monkeypatch.setattr(b.model, "forward", lambda *a, **kw: small_memory(*a, limit=0, **kw))
+    with pytest.raises(BackendError, match="fewer study --workers"):
+        b.score(d, batch)

@@ -324,3 +324,24 @@ def test_a_study_whose_optimizer_breaks_is_marked_failed_and_the_others_run(tmp_
         "tiny/sst2/manual/seed0": "complete", "tiny/sst2/icl/seed0": "complete", "tiny/sst2/bp/seed0": "complete",
         "tiny/sst2/cma/seed0": "failed"}
     assert len(trials(url, "tiny/sst2/cma/seed0")) == 4          # the generation before the failure is kept
+
+
+def test_budget_table_reads_each_test_curve_at_each_budget_and_leaves_unreached_budgets_blank():
+    from bbpt.report import StudyReport
+    from bbpt.studyspec.markdown import _budget_table
+    from bbpt.studyspec.spec import Arm
+
+    def study(calls_end, test_calls, test_scores):
+        a = np.array
+        return StudyReport(name="s", optimizer="cma", state="complete", calls=a([calls_end]), seconds=a([1.0]),
+                           best_loss=a([0.5]), tokens=1, dev_calls=a(test_calls), dev_seconds=a([1.0] * len(test_calls)),
+                           best_dev=a(test_scores), dev=test_scores[-1], test=test_scores[-1],
+                           test_calls=a(test_calls), test_seconds=a([1.0] * len(test_calls)), test_scores=a(test_scores))
+
+    spec = SimpleNamespace(arms=[Arm("manual", "manual", {}), Arm("cma", "cma", {})])
+    cells = {("sst2", "cma"): [(study(300, [20, 150], [0.6, 0.8]), {}), (study(300, [20], [0.7]), {})]}
+    lines = _budget_table(spec, "sst2", cells, "accuracy")
+    row = next(ln for ln in lines if ln.startswith("| cma |"))
+    # at 100 calls: seeds at 0.6 and 0.7; at 200 and 300: 0.8 and 0.7; past 300 neither seed ran: blank
+    assert row == "| cma | 2 | 65.0 | 75.0 | 75.0 |  |  |  |  |"
+    assert not any(ln.startswith("| manual") for ln in lines)

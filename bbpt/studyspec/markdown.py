@@ -141,10 +141,45 @@ def _task_section(spec: StudySpec, task: str, cells, out: Path) -> list[str]:
     name = "macro-F1" if metric == "f1" else "accuracy"
     head, rows = task_table(spec, task, cells)
     lines = _table_head(spec, task, head) + ["| " + " | ".join(row) + " |" for row in rows] + [""]
+    lines += _budget_table(spec, task, cells, name)
     png = _plot(spec, task, cells, metric, out)
     if png:
         lines += [f"![best-so-far dev {name} on {task}, against calls and seconds]({png.name})", ""]
     return lines
+
+
+BUDGETS = (100, 200, 300, 400, 600, 1000, 2000)
+
+
+def _budget_table(spec: StudySpec, task: str, cells, name: str) -> list[str]:
+    """Test of the prompt dev had selected by each budget (calls), mean over seeds: where every arm stands at
+    any budget up to its own, read off its test curve (arms run with ``test_curve`` only). A budget past an
+    arm's own is left blank rather than held: its search stopped there."""
+    from bbpt.report import test_curve
+
+    rows = []
+    for arm in spec.arms:
+        reports = [r for r, _ in cells.get((task, arm.name), []) if len(r.test_scores)]
+        if not arm.tuned or not reports:
+            continue
+        cols = []
+        for b in BUDGETS:
+            got = [_read_at(*test_curve(r, "calls"), b) for r in reports if len(r.calls) and r.calls[-1] >= b]
+            got = [v for v in got if v is not None]
+            cols.append(f"{100 * np.mean(got):.1f}" if got and len(got) == len(reports) else "")
+        if any(cols):       # an arm shorter than the first budget (backprop's 20 steps) has nothing to show
+            rows.append(f"| {arm.name} | {len(reports)} | " + " | ".join(cols) + " |")
+    if not rows:
+        return []
+    return [f"Test {name} of the prompt selected on dev by each budget (calls; mean over the seeds that ran "
+            "that far, test scored for reporting only):", "",
+            "| arm | seeds | " + " | ".join(f"{b:,}" for b in BUDGETS) + " |", "|" + "---|" * (len(BUDGETS) + 2),
+            *rows, ""]
+
+
+def _read_at(x: np.ndarray, y: np.ndarray, at: float) -> float | None:
+    i = int(np.searchsorted(x, at, side="right")) - 1
+    return float(y[i]) if i >= 0 else None
 
 
 GENERATION_LEGEND = """Generation columns: *dev NLL* is the mean negative log-likelihood per reference token of the prompt selected on
