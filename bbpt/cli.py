@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "for one sweep)")
     g.add_argument("--init", default="task", help="where P0 starts: task (the task's instruction text), "
                    'labels, vocab (random frequent tokens), zeros, or text:"your words"')
+    g.add_argument("--demos", type=int, metavar="K", help="write K solved train examples per class before every "
+                   "input, as in-context demonstrations, and tune the prompt from there (default 0; the icl arm of a "
+                   "study spec scores the same text with no prompt). Longer inputs make calls dearer")
     g.add_argument("--space", choices=SPACES, help="projected: P = P0 + A z "
                    "(default for derivative-free); full: train P itself (default for backprop); discrete: P0 + A z "
                    "snapped to the nearest tokens, sent as text; vocab: each of --prompt-tokens positions picks one "

@@ -60,11 +60,14 @@ def check_schedule(cfg: StudyConfig, site) -> None:
 
 
 def load_task_for(cfg: StudyConfig) -> Task:
-    return load_task(task=cfg.task if not cfg.data else None, data=cfg.data, test_data=cfg.test_data,
+    from bbpt.tasks.demos import with_demos
+
+    task = load_task(task=cfg.task if not cfg.data else None, data=cfg.data, test_data=cfg.test_data,
                      template=cfg.template, labels=cfg.labels, label_names=cfg.label_names,
                      text_field=cfg.text_field, text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
                      shots=cfg.shots, seed=cfg.seed, max_test=cfg.max_test, prompt_position=cfg.prompt_position,
                      dev_shots=cfg.dev_shots)
+    return with_demos(task, cfg.demos, cfg.seed)
 
 
 def open_backend(cfg: StudyConfig, api_key: str | None = None):

@@ -12,7 +12,6 @@ No soft prompt is involved, so both are scored with no prompt offsets (``deltas=
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import numpy as np
 
@@ -25,27 +24,10 @@ from bbpt.storage import Storage
 from bbpt.studyspec.spec import BASELINE_SETTINGS, Planned
 from bbpt.tasks import Task, Template
 from bbpt.tasks.builtin import CLASSIFICATION
+from bbpt.tasks.demos import icl_template
 
 # Stored-config keys that do not change a baseline's scores (where the model runs, not what it computes).
 RESULT_NEUTRAL = frozenset({"device", "endpoint", "template"})
-
-
-def icl_template(task: Task, demos_per_class: int, seed: int) -> str:
-    """The task's template preceded by solved train examples, blank-line separated. A generation task has no
-    classes: ``demos_per_class`` is then the number of demonstrations (k shots), each with its answer."""
-    rng = random.Random(seed)
-    if task.kind == "generation":
-        picks = rng.sample(task.train, demos_per_class)
-        demos = [task.template.render_plain(ex) + ex.targets[0] for ex in picks]
-    else:
-        picks = []
-        for c in range(task.num_classes):
-            picks += rng.sample([ex for ex in task.train if ex.label == c], demos_per_class)
-        rng.shuffle(picks)     # classes interleaved at random, so the last demonstration does not hint a label
-        demos = [task.template.render_plain(ex) + task.label_words[ex.label] for ex in picks]
-    # Demonstrations are literal text inside a format string: braces in them must not become fields.
-    escaped = [d.replace("{", "{{").replace("}", "}}") for d in demos]
-    return "\n\n".join(escaped + [task.template.source])
 
 
 def baseline_config(p: Planned) -> dict:
@@ -80,7 +62,7 @@ def run_baseline(p: Planned, storage: Storage, backend) -> dict:
     cfg = p.config
     # No soft prompt goes in, so the template is tokenized as written (one piece): a placement would only split
     # its tokenization where an empty prompt sits, and the stored config (which has no placement) stays true.
-    task = load_task_for(dataclasses.replace(cfg, prompt_position="prefix"))
+    task = load_task_for(dataclasses.replace(cfg, prompt_position="prefix", demos=0))
     stored = baseline_config(p)
     note = "manual prompt"
     if p.arm.optimizer == "icl":
