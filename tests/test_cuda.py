@@ -16,6 +16,7 @@ from bbpt.cli import main  # noqa: E402
 from bbpt.prompt import PromptInit  # noqa: E402
 from bbpt.tasks import load_task  # noqa: E402
 
+
 @pytest.fixture(scope="module")
 def pair(tiny_model_dir):
     return hf.HFBackend(tiny_model_dir, device="cpu"), hf.HFBackend(tiny_model_dir, device="cuda")

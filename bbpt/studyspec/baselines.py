@@ -22,9 +22,8 @@ from bbpt.scoring import answer_metrics, evaluate, train_bias
 from bbpt.session import TEXT_SCORES, load_task_for
 from bbpt.storage import Storage
 from bbpt.studyspec.spec import BASELINE_SETTINGS, Planned
-from bbpt.tasks import Task, Template
 from bbpt.tasks.builtin import CLASSIFICATION
-from bbpt.tasks.demos import icl_template
+from bbpt.tasks.demos import with_demos
 
 # Stored-config keys that do not change a baseline's scores (where the model runs, not what it computes).
 RESULT_NEUTRAL = frozenset({"device", "endpoint", "template"})
@@ -66,9 +65,8 @@ def run_baseline(p: Planned, storage: Storage, backend) -> dict:
     stored = baseline_config(p)
     note = "manual prompt"
     if p.arm.optimizer == "icl":
-        source = icl_template(task, p.arm.demos_per_class, p.seed)
-        task = dataclasses.replace(task, template=Template(source))
-        stored["template"] = source
+        task = with_demos(task, p.arm.demos_per_class, p.seed)
+        stored["template"] = task.template.source
         note = f"in-context learning: {p.arm.demos_per_class} train demonstration(s) per class in the prompt"
     evals, by = [], {}
     # The same calibration as the tuned arms: a label bias fitted on this template's train scores.

@@ -155,7 +155,7 @@ def _budget_table(spec: StudySpec, task: str, cells, name: str) -> list[str]:
     """Test of the prompt dev had selected by each budget (calls), mean over seeds: where every arm stands at
     any budget up to its own, read off its test curve (arms run with ``test_curve`` only). A budget past an
     arm's own is left blank rather than held: its search stopped there."""
-    from bbpt.report import test_curve
+    from bbpt.report import _read_steps, test_curve
 
     rows = []
     for arm in spec.arms:
@@ -164,9 +164,10 @@ def _budget_table(spec: StudySpec, task: str, cells, name: str) -> list[str]:
             continue
         cols = []
         for b in BUDGETS:
-            got = [_read_at(*test_curve(r, "calls"), b) for r in reports if len(r.calls) and r.calls[-1] >= b]
-            got = [v for v in got if v is not None]
-            cols.append(f"{100 * np.mean(got):.1f}" if got and len(got) == len(reports) else "")
+            got = [_read_steps(*test_curve(r, "calls"), np.array([b]))[0]
+                   for r in reports if len(r.calls) and r.calls[-1] >= b]
+            ok = len(got) == len(reports) and not np.isnan(got).any()
+            cols.append(f"{100 * np.mean(got):.1f}" if ok else "")
         if any(cols):       # an arm shorter than the first budget (backprop's 20 steps) has nothing to show
             rows.append(f"| {arm.name} | {len(reports)} | " + " | ".join(cols) + " |")
     if not rows:
@@ -175,11 +176,6 @@ def _budget_table(spec: StudySpec, task: str, cells, name: str) -> list[str]:
             "that far, test scored for reporting only):", "",
             "| arm | seeds | " + " | ".join(f"{b:,}" for b in BUDGETS) + " |", "|" + "---|" * (len(BUDGETS) + 2),
             *rows, ""]
-
-
-def _read_at(x: np.ndarray, y: np.ndarray, at: float) -> float | None:
-    i = int(np.searchsorted(x, at, side="right")) - 1
-    return float(y[i]) if i >= 0 else None
 
 
 GENERATION_LEGEND = """Generation columns: *dev NLL* is the mean negative log-likelihood per reference token of the prompt selected on
