@@ -47,6 +47,52 @@ class KV:
                   self.mask.expand(rows, -1), self.lengths.expand(rows))
 
 
+@dataclass
+class SharedKV:
+    """Keys/values of rows that all begin with the same tokens (demonstrations before every input: ``--demos``):
+    the shared ``head`` once, as one row, and each row's own tokens after it in ``tail``, so memory and the
+    one-off encoding grow with the rows' own lengths, not with the demonstrations' length times the rows.
+
+    ``tail`` is None when only the head fits the cache budget (a test set of hundreds of long inputs): each
+    row's own tokens then run with every call, after the kept head, which still spares recomputing the head.
+    """
+
+    head: KV
+    tail: KV | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.head.nbytes + (0 if self.tail is None else self.tail.nbytes)
+
+    @property
+    def head_len(self) -> int:
+        return int(self.head.lengths[0])
+
+    def take(self, idx) -> KV:
+        """Rows ``idx`` as one KV: the head, then (if kept) each row's own tokens, left-padded among themselves.
+        The padding sits between the head and a row's tokens; the mask hides it and positions count only
+        real tokens, so the scores are those of the row run unpadded."""
+        import torch
+
+        head = self.head.expand(len(idx))
+        if self.tail is None:
+            return head
+        tail = self.tail.take(idx)
+        return KV([torch.cat(p, dim=2) for p in zip(head.keys, tail.keys)],
+                  [torch.cat(p, dim=2) for p in zip(head.values, tail.values)],
+                  torch.cat([head.mask, tail.mask], dim=1), head.lengths + tail.lengths)
+
+
+def common_head(seqs: list[list[int]]) -> int:
+    """How many leading token ids all of ``seqs`` share, leaving each at least one token of its own."""
+    first, n = seqs[0], min(len(s) for s in seqs) - 1
+    for s in seqs[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+        if n == 0:
+            break
+    return max(n, 0)
+
+
 def cache_arg(model) -> str:
     """The keyword ``model(...)`` takes its cache by: transformers 5.24 renamed ``past_key_values`` to ``cache``
     (the old name warns, and goes in 5.40), and bbpt supports both sides of the rename."""

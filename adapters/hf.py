@@ -35,7 +35,7 @@ import numpy as np
 
 from adapters._base import ModelInfo, PromptSite, ScoreResult
 from adapters._deep import decoder_layers, pick_layers, robust_std
-from adapters._kv import KV, forward_last, reuse_works
+from adapters._kv import KV, SharedKV, common_head, forward_last, reuse_works
 from adapters.default_model import resolve_model
 from bbpt.errors import BackendError, ConfigError
 from bbpt.prompt import PromptInit, TextPrompts
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # BBT samples its random-vocabulary init from the first 5,000 ids (frequent tokens in BPE vocabularies).
 VOCAB_INIT_RANGE = 5000
+# Leading tokens every example shares (demonstrations, ``--demos``) are encoded once and kept once when they are
+# at least this many; a template's few shared words ("Review:") are not worth splitting the cache for.
+SHARED_HEAD_MIN = 32
 
 
 @dataclass(eq=False)      # compared by identity: the backend keys its cache bookkeeping on the object
@@ -591,19 +594,23 @@ class HFBackend:
             pairs += gpairs
         return self._scatter(torch.cat(rows), pairs, pop, batch)
 
-    def _infix_logprobs(self, prompts, batch: EncodedBatch, embeds, kv: KV):
+    def _infix_logprobs(self, prompts, batch: EncodedBatch, embeds, kv: KV | SharedKV):
         torch = self.torch
         pop, m = prompts.shape[:2]
-        new_lens = [m + len(a) for a in batch.after]
-        past_lens = [len(b) for b in batch.before]
+        # Each example's tokens before the prompt that ``kv`` does not hold run with the call, before the prompt
+        # (none, unless only a shared head was kept).
+        kept = kv.head_len if isinstance(kv, SharedKV) and kv.tail is None else None
+        own = [0 if kept is None else len(b) - kept for b in batch.before]
+        new_lens = [own[j] + m + len(a) for j, a in enumerate(batch.after)]
+        past_lens = [len(b) - own[j] for j, b in enumerate(batch.before)]
         order = sorted(range(batch.n), key=lambda j: (new_lens[j], past_lens[j]))
         pairs = [(c, j) for j in order for c in range(pop)]
         rows = []
         for start, end in self._chunks([new_lens[j] for _, j in pairs], [past_lens[j] for _, j in pairs]):
             chunk = pairs[start:end]
             past = kv.take(torch.tensor([j for _, j in chunk], device=self.device))
-            seqs = [torch.cat([prompts[c], embeds[j][1]]) for c, j in chunk]
-            rows.append(self._read(seqs, past, batch, chunk, [0] * len(chunk)))
+            seqs = [torch.cat([embeds[j][0][past_lens[j]:], prompts[c], embeds[j][1]]) for c, j in chunk]
+            rows.append(self._read(seqs, past, batch, chunk, [own[j] for _, j in chunk]))
         return self._scatter(torch.cat(rows), pairs, pop, batch)
 
     def _prefix_kv_logprobs(self, kv: KV, batch: EncodedBatch):
@@ -620,49 +627,73 @@ class HFBackend:
             rows.append(self._read([torch.cat([embeds[j][0], embeds[j][1]]) for _, j in chunk], past, batch, chunk))
         return self._scatter(torch.cat(rows), pairs, kv.mask.shape[0], batch)
 
-    def _kept_kv(self, batch: EncodedBatch, embeds) -> KV | None:
-        """The batch's keys/values of the text before the prompt: built once, kept within ``kv_cache_mb``."""
+    def _kept_kv(self, batch: EncodedBatch, embeds) -> KV | SharedKV | None:
+        """The batch's keys/values of the text before the prompt: built once, kept within ``kv_cache_mb``.
+        A long run of tokens every example starts with (demonstrations) is kept once, as a :class:`SharedKV`;
+        if the examples' own tokens do not fit beside it, the shared head alone is kept."""
         key = id(batch)
         if batch.kv is not None and key in self._kv_kept:
             self._kv_kept.move_to_end(key)
             return batch.kv
-        heads = [0] if batch.shared_head else list(range(batch.n))
-        width = max(len(batch.before[j]) for j in heads)
-        need = len(heads) * width * self._kv_token_bytes
-        if need > self.kv_cache_bytes:
+        heads, h, width = self.kv_plan(batch)
+        head_need, need = h * self._kv_token_bytes, (h + len(heads) * width) * self._kv_token_bytes
+        keep_tail = need <= self.kv_cache_bytes
+        if not keep_tail and not (h and head_need <= self.kv_cache_bytes):
             log.info("keys/values of %d examples need %.0f MB, over kv_cache_mb=%.0f: scoring them uncached",
                      len(heads), need / 2**20, self.kv_cache_bytes / 2**20)
             return None
+        if not keep_tail:
+            log.info("keys/values of %d examples need %.0f MB, over kv_cache_mb=%.0f: keeping only the %d tokens "
+                     "they all start with", len(heads), need / 2**20, self.kv_cache_bytes / 2**20, h)
+            need = head_need
         while self._kv_kept and sum(b for _, b in self._kv_kept.values()) + need > self.kv_cache_bytes:
             _, (ref, _) = self._kv_kept.popitem(last=False)
             if ref() is not None:
                 ref().kv = None
-        batch.kv = self._build_kv([embeds[j][0] for j in heads], width)
+        if h:
+            head = self._build_kv([embeds[0][0][:h]], h)
+            tail = self._build_kv([embeds[j][0][h:] for j in heads], width, head) if keep_tail else None
+            batch.kv = SharedKV(head, tail)
+        else:
+            batch.kv = self._build_kv([embeds[j][0] for j in heads], width)
         # A dead batch takes its entry with it, so the bookkeeping never outgrows the batches alive.
         self._kv_kept[key] = (weakref.ref(batch, lambda _, k=key, kept=self._kv_kept: kept.pop(k, None)),
                               batch.kv.nbytes)
         return batch.kv
 
-    def _build_kv(self, seqs, width: int) -> KV:
-        """Keys/values of ``seqs``, stored left-padded to ``width`` in one tensor per layer (row i = seqs[i])."""
+    @staticmethod
+    def kv_plan(batch: EncodedBatch) -> tuple[list[int], int, int]:
+        """What keeping the batch's text before the prompt takes, in tokens: the rows kept (one when every
+        example shares that text: prefix placement), the length of the head they share (0 when under
+        :data:`SHARED_HEAD_MIN`), and each row's width after it (left-padded to the longest)."""
+        heads = [0] if batch.shared_head else list(range(batch.n))
+        h = 0 if batch.shared_head else common_head(batch.before)
+        h = h if h >= SHARED_HEAD_MIN else 0
+        return heads, h, max(len(batch.before[j]) for j in heads) - h
+
+    def _build_kv(self, seqs, width: int, head: KV | None = None) -> KV:
+        """Keys/values of ``seqs``, stored left-padded to ``width`` in one tensor per layer (row i = seqs[i]);
+        after ``head`` (one row every sequence continues), whose own columns are left out of what is stored."""
         torch = self.torch
         lens = [int(s.shape[0]) for s in seqs]
         order = sorted(range(len(seqs)), key=lens.__getitem__)
+        skip = 0 if head is None else int(head.mask.shape[1])
         kv = None
-        for start, end in self._chunks([lens[i] for i in order]):
+        for start, end in self._chunks([lens[i] for i in order], None if head is None else [skip] * len(order)):
             idx = order[start:end]
-            _, part = self._forward([seqs[i] for i in idx], keep=True)
+            _, part = self._forward([seqs[i] for i in idx], None if head is None else head.expand(len(idx)),
+                                    keep=True)
             if kv is None:
                 def blank(t):
                     return t.new_zeros(len(seqs), t.shape[1], width, t.shape[3])
                 kv = KV([blank(k) for k in part.keys], [blank(v) for v in part.values],
                         torch.zeros(len(seqs), width, dtype=torch.long, device=self.device),
                         torch.zeros(len(seqs), dtype=torch.long, device=self.device))
-            rows, cols = torch.tensor(idx, device=self.device), slice(width - part.mask.shape[1], None)
+            rows, cols = torch.tensor(idx, device=self.device), slice(width - part.mask.shape[1] + skip, None)
             for dst, src in zip((*kv.keys, *kv.values), (*part.keys, *part.values)):
-                dst[rows, :, cols] = src
-            kv.mask[rows, cols] = part.mask
-            kv.lengths[rows] = part.lengths
+                dst[rows, :, cols] = src[:, :, skip:]
+            kv.mask[rows, cols] = part.mask[:, skip:]
+            kv.lengths[rows] = part.lengths - skip
         return kv
 
 

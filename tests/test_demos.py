@@ -48,3 +48,35 @@ def test_a_stored_config_without_demos_means_none_and_too_many_are_refused():
     assert StudyConfig.from_dict(old).demos == 0
     with pytest.raises(ConfigError, match="--demos 17 is invalid.*between 0 and --shots"):
         StudyConfig(task="sst2", shots=16, demos=17)
+
+
+@pytest.mark.slow
+def test_on_the_default_model_demonstrations_are_kept_once_and_score_as_uncached(real_backend):
+    """SST-2 with --demos 1 on SmolLM2: the shared demonstrations' keys/values give the uncached scores; and
+    AG News' training set with demonstrations, whose keys/values per example went over the CPU's 1 GB cache
+    (scored uncached, every call), fits with the demonstrations kept once."""
+    import numpy as np
+
+    from adapters.hf import HFBackend
+    from bbpt.prompt import PromptInit
+
+    be = real_backend
+    task = load_task_for(StudyConfig(task="sst2", shots=16, seed=0, demos=1, optimizer="cma",
+                                      prompt_position="infix"))
+    be.set_init(PromptInit("text", 10, text=task.init_text))
+    batch = be.encode(task.train[:6], task.template, task.label_words)
+    d = np.random.default_rng(0).normal(scale=0.01, size=(2, 10, 576)).astype(np.float32)
+    got = be.score(d, batch).logprobs
+    assert batch.kv.head.mask.shape[1] > 40 and batch.kv.tail is not None
+    be.reuse_kv = False
+    try:
+        np.testing.assert_allclose(got, be.score(d, batch).logprobs, atol=2e-3)
+    finally:
+        be.reuse_kv = True
+    token_bytes = 30 * 2 * 3 * 64 * 4          # SmolLM2-135M: 30 layers, keys and values, 3 heads of 64, fp32
+    ag = load_task_for(StudyConfig(task="agnews", shots=16, seed=0, demos=1, optimizer="cma",
+                                    prompt_position="infix"))
+    heads, h, width = HFBackend.kv_plan(be.encode(ag.train, ag.template, ag.label_words))
+    per_example = len(heads) * (h + width) * token_bytes
+    kept_once = (h + len(heads) * width) * token_bytes
+    assert per_example > 2**30 > kept_once

@@ -23,7 +23,12 @@ TEMPLATES = {
     "infix": "Review: {text}\n{prompt}Sentiment:",
     "infix, pair after the prompt": "A: {text}\n{prompt}B: {text_pair}\nSame?:",
     "suffix": "Review: {text}\nSentiment:{prompt}",
+    # demonstrations (``--demos``): a long run of tokens every example starts with, kept once (SharedKV)
+    "infix after demonstrations": "Review: a gorgeous and witty film, the best of its year by a long way\n"
+                                  "Sentiment: positive\n\nReview: dull, overlong and badly acted; it wastes "
+                                  "a fine cast\nSentiment: negative\n\nReview: {text}\n{prompt}Sentiment:",
 }
+DEMOS = TEMPLATES["infix after demonstrations"]
 
 
 def examples():
@@ -266,3 +271,53 @@ def test_out_of_device_memory_retries_in_smaller_forwards_with_the_same_scores(b
     monkeypatch.setattr(b.model, "forward", lambda *a, **kw: small_memory(*a, limit=0, **kw))
     with pytest.raises(BackendError, match="fewer study --workers"):
         b.score(d, batch)
+
+
+def test_demonstrations_every_example_starts_with_are_encoded_and_kept_once(backend):
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    batch = b.encode(examples(), Template(DEMOS), LABELS)
+    h = hf.common_head(batch.before)
+    assert h >= hf.SHARED_HEAD_MIN and all(len(x) > h for x in batch.before)
+    d = deltas(b)
+    before = dict(b.stats)
+    got = b.score(d, batch).logprobs
+    built = b.stats["computed_tokens"] - before["computed_tokens"] - len(d) * sum(3 + len(a) for a in batch.after)
+    np.testing.assert_allclose(got, uncached(b, d, batch), atol=1e-4)
+    kv = batch.kv
+    assert isinstance(kv, hf.SharedKV) and kv.head.mask.shape == (1, h) and kv.tail.mask.shape[0] == len(TEXTS)
+    assert built == h + sum(len(x) - h for x in batch.before)          # the head once, then each example's own
+    width = max(len(x) for x in batch.before)
+    assert kv.nbytes < len(TEXTS) * width * b._kv_token_bytes / 2      # not the head once per example
+
+
+def test_when_only_the_shared_head_fits_each_example_runs_its_own_tokens_after_it(backend, caplog):
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    batch = b.encode(examples(), Template(DEMOS), LABELS)
+    h = hf.common_head(batch.before)
+    b.score(deltas(b), b.encode(examples()[:1], Template(DEMOS), LABELS))      # learns a token's bytes
+    b.kv_cache_bytes = (h + 2) * b._kv_token_bytes                         # the head, not the examples' own
+    d = deltas(b)
+    with caplog.at_level(logging.INFO, logger="adapters.hf"):
+        got = b.score(d, batch).logprobs
+    assert "keeping only the" in caplog.text and batch.kv.tail is None
+    np.testing.assert_allclose(got, uncached(b, d, batch), atol=1e-4)
+    before = dict(b.stats)
+    b.score(d, batch)
+    own = sum(len(x) - h + 3 + len(a) for x, a in zip(batch.before, batch.after))
+    assert b.stats["computed_tokens"] - before["computed_tokens"] == len(d) * own
+
+
+def test_a_deep_prompt_after_demonstrations_scores_cached_as_uncached(backend):
+    b = backend
+    b.set_init(PromptInit("vocab", 3, depth="deep"))
+    d = np.random.default_rng(0).normal(scale=0.3, size=(2, *b.prompt_site().shape)).astype(np.float32)
+    batch = b.encode(examples(), Template(DEMOS), LABELS)
+    ref = uncached(b, d, batch)
+    np.testing.assert_allclose(b.score(d, batch).logprobs, ref, atol=1e-4)
+    assert batch.kv.tail is not None
+    b.kv_cache_bytes = (hf.common_head(batch.before) + 2) * b._kv_token_bytes      # the shared head alone
+    batch = b.encode(examples(), Template(DEMOS), LABELS)
+    np.testing.assert_allclose(b.score(d, batch).logprobs, ref, atol=1e-4)
+    assert batch.kv.tail is None
