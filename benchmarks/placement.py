@@ -17,11 +17,10 @@ benchmarks/results/placement-2cpu-2026-12-02.json.)
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import numpy as np
+from _common import emit, machine
 
 
 def main() -> None:
@@ -31,8 +30,6 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=10)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-
-    import torch
 
     from adapters.hf import HFBackend
     from bbpt.prompt import PromptInit
@@ -54,18 +51,9 @@ def main() -> None:
                              seconds_per_call=round((time.perf_counter() - t0) / args.pop, 3),
                              mean_past_tokens=round(float(np.mean([len(b) for b in batch.before])), 1),
                              new_tokens_per_row=args.tokens + round(float(np.mean([len(a) for a in batch.after])), 1)))
-    out = dict(machine=f"{platform.platform()}; {platform.processor() or platform.machine()}; "
-                       f"torch {torch.__version__} with {torch.get_num_threads()} thread(s)",
-               population=args.pop, prompt_tokens=args.tokens, rows=rows)
-    if args.json:
-        print(json.dumps(out, indent=1))
-        return
-    print(out["machine"])
-    print(f"{'task':8} {'placement':9} {'s/call':>7} {'past':>6} {'new':>5}")
-    for r in rows:
-        print(f"{r['task']:8} {r['placement']:9} {r['seconds_per_call']:>7.3f} "
-              f"{r['mean_past_tokens']:>6.0f} {r['new_tokens_per_row']:>5.0f}")
-
+    emit(dict(machine=machine(), population=args.pop, prompt_tokens=args.tokens, rows=rows), args.json,
+         [("task", "task", "<8"), ("placement", "placement", "<9"), ("seconds_per_call", "s/call", ">7.3f"),
+          ("mean_past_tokens", "past", ">6.0f"), ("new_tokens_per_row", "new", ">5.0f")])
 
 if __name__ == "__main__":
     main()

@@ -66,14 +66,20 @@ def test_on_the_default_model_demonstrations_are_kept_once_and_score_as_uncached
     be.set_init(PromptInit("text", 10, text=task.init_text))
     batch = be.encode(task.train[:6], task.template, task.label_words)
     d = np.random.default_rng(0).normal(scale=0.01, size=(2, 10, 576)).astype(np.float32)
-    got = be.score(d, batch).logprobs
-    assert batch.kv.head.mask.shape[1] > 40 and batch.kv.tail is not None
+    token_bytes = 30 * 2 * 3 * 64 * 4          # SmolLM2-135M: 30 layers, keys and values, 3 heads of 64, fp32
+    heads, h, width = HFBackend.kv_plan(batch)
+    be.kv_cache_bytes = len(heads) * (h + width) * token_bytes - 1      # whole rows do not fit; the head does
+    try:
+        got = be.score(d, batch).logprobs
+    finally:
+        be.kv_cache_bytes = 2**30
+        kv, _ = batch.kv, be.close()
+    assert kv.head.mask.shape[1] > 40 and kv.tail is not None
     be.reuse_kv = False
     try:
         np.testing.assert_allclose(got, be.score(d, batch).logprobs, atol=2e-3)
     finally:
         be.reuse_kv = True
-    token_bytes = 30 * 2 * 3 * 64 * 4          # SmolLM2-135M: 30 layers, keys and values, 3 heads of 64, fp32
     ag = load_task_for(StudyConfig(task="agnews", shots=16, seed=0, demos=1, optimizer="cma",
                                     prompt_position="infix"))
     heads, h, width = HFBackend.kv_plan(be.encode(ag.train, ag.template, ag.label_words))

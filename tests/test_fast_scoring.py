@@ -279,6 +279,9 @@ def test_demonstrations_every_example_starts_with_are_encoded_and_kept_once(back
     batch = b.encode(examples(), Template(DEMOS), LABELS)
     h = hf.common_head(batch.before)
     assert h >= hf.SHARED_HEAD_MIN and all(len(x) > h for x in batch.before)
+    b.score(deltas(b), b.encode(examples()[:1], Template(DEMOS), LABELS))      # learns a token's bytes
+    width = max(len(x) for x in batch.before)
+    b.kv_cache_bytes = len(TEXTS) * width * b._kv_token_bytes - 1            # whole rows do not fit
     d = deltas(b)
     before = dict(b.stats)
     got = b.score(d, batch).logprobs
@@ -287,7 +290,6 @@ def test_demonstrations_every_example_starts_with_are_encoded_and_kept_once(back
     kv = batch.kv
     assert isinstance(kv, hf.SharedKV) and kv.head.mask.shape == (1, h) and kv.tail.mask.shape[0] == len(TEXTS)
     assert built == h + sum(len(x) - h for x in batch.before)          # the head once, then each example's own
-    width = max(len(x) for x in batch.before)
     assert kv.nbytes < len(TEXTS) * width * b._kv_token_bytes / 2      # not the head once per example
 
 
@@ -315,6 +317,10 @@ def test_a_deep_prompt_after_demonstrations_scores_cached_as_uncached(backend):
     d = np.random.default_rng(0).normal(scale=0.3, size=(2, *b.prompt_site().shape)).astype(np.float32)
     batch = b.encode(examples(), Template(DEMOS), LABELS)
     ref = uncached(b, d, batch)
+    np.testing.assert_allclose(b.score(d, batch).logprobs, ref, atol=1e-4)
+    assert isinstance(batch.kv, hf.KV)                                  # whole rows, as they fit
+    b.kv_cache_bytes = batch.kv.nbytes - 1                              # they do not: the head and each tail
+    batch = b.encode(examples(), Template(DEMOS), LABELS)
     np.testing.assert_allclose(b.score(d, batch).logprobs, ref, atol=1e-4)
     assert batch.kv.tail is not None
     b.kv_cache_bytes = (hf.common_head(batch.before) + 2) * b._kv_token_bytes      # the shared head alone
