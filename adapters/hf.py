@@ -640,16 +640,16 @@ class HFBackend:
         heads, h, width = self.kv_plan(batch)
         if len(heads) * (h + width) * self._kv_token_bytes <= self.kv_cache_bytes:
             h, width = 0, h + width     # whole rows fit: a call is faster without joining head and tail
-        head_need, need = h * self._kv_token_bytes, (h + len(heads) * width) * self._kv_token_bytes
+        need = (h + len(heads) * width) * self._kv_token_bytes
         keep_tail = need <= self.kv_cache_bytes
-        if not keep_tail and not (h and head_need <= self.kv_cache_bytes):
-            log.info("keys/values of %d examples need %.0f MB, over kv_cache_mb=%.0f: scoring them uncached",
-                     len(heads), need / 2**20, self.kv_cache_bytes / 2**20)
-            return None
         if not keep_tail:
+            if not h or h * self._kv_token_bytes > self.kv_cache_bytes:
+                log.info("keys/values of %d examples need %.0f MB, over kv_cache_mb=%.0f: scoring them uncached",
+                         len(heads), need / 2**20, self.kv_cache_bytes / 2**20)
+                return None
             log.info("keys/values of %d examples need %.0f MB, over kv_cache_mb=%.0f: keeping only the %d tokens "
                      "they all start with", len(heads), need / 2**20, self.kv_cache_bytes / 2**20, h)
-            need = head_need
+            need = h * self._kv_token_bytes
         while self._kv_kept and sum(b for _, b in self._kv_kept.values()) + need > self.kv_cache_bytes:
             _, (ref, _) = self._kv_kept.popitem(last=False)
             if ref() is not None:
