@@ -178,6 +178,16 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"{text!r} should be comma-separated integers, e.g. 0,1") from None
 
 
+def _demos(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} should be a whole number of demonstrations per class, or "
+                                         "auto") from None
+
+
 def _add_study_parser(sub) -> None:
     p = sub.add_parser("study", help="run a comparison declared in a TOML spec (arms x seeds x tasks), and "
                        "report it", description=STUDY_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -262,9 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "for one sweep)")
     g.add_argument("--init", default="task", help="where P0 starts: task (the task's instruction text), "
                    'labels, vocab (random frequent tokens), zeros, or text:"your words"')
-    g.add_argument("--demos", type=int, metavar="K", help="write K solved train examples per class before every "
-                   "input, as in-context demonstrations, and tune the prompt from there (default 0; the icl arm of a "
-                   "study spec scores the same text with no prompt). Longer inputs make calls dearer")
+    g.add_argument("--demos", type=_demos, metavar="K|auto", help="write K solved train examples per class before "
+                   "every input, as in-context demonstrations, and tune the prompt from there (default 0; the icl arm "
+                   "of a study spec scores the same text with no prompt). auto: one per class if they lower the "
+                   "starting prompt's training loss (two calls before the search decide; they helped SST-2 and "
+                   "DBpedia and hurt Yelp). Longer inputs make calls dearer")
     g.add_argument("--space", choices=SPACES, help="projected: P = P0 + A z "
                    "(default for derivative-free); full: train P itself (default for backprop); discrete: P0 + A z "
                    "snapped to the nearest tokens, sent as text; vocab: each of --prompt-tokens positions picks one "

@@ -64,8 +64,9 @@ class StudyConfig:
     prompt_position: str | None = "auto"
     init: str = "task"
     # solved train examples per class written before every input (the icl arm's template), so the search starts
-    # from in-context learning; 0: none (and what a stored config without the key meant)
-    demos: int = 0
+    # from in-context learning; 0: none (and what a stored config without the key meant); "auto": one per class
+    # if they lower the starting prompt's training loss, scored both ways before the search (bbpt/demos_choice.py)
+    demos: int | str = 0
     # where the prompt enters: input embeddings (prompt tuning), deep (an offset on the hidden states at the
     # prompt's positions before each of --layers, as BBTv2) or prefix (keys/values per layer, as PEFT's prefix
     # tuning); a deep or prefix prompt searched derivative-free gets one projection per layer
@@ -151,8 +152,12 @@ class StudyConfig:
                                           and self.space == "projected"), "schedule",
              "joint unless --optimizer cma searches a deep or prefix prompt (--depth deep|prefix, projected)"),
             (self.max_new_tokens >= 1, "max_new_tokens", "at least 1 token"),
-            (0 <= self.demos <= self.shots, "demos", f"between 0 and --shots ({self.shots}): demonstrations "
-                                                      "come from the train split"),
+            (self.demos == "auto" or (type(self.demos) is int and 0 <= self.demos <= self.shots), "demos",
+             f"auto, or a whole number between 0 and --shots ({self.shots}): demonstrations come from the train "
+             "split"),
+            (self.demos != "auto" or self.shots >= 2, "demos",
+             "a number with --shots 1: auto compares losses on the training examples that are not shown as "
+             "demonstrations, and at one shot per class none is left"),
             (self.top_logprobs is None or self.top_logprobs >= 1, "top_logprobs", "at least 1"),
             (self.price_per_1k is None or (math.isfinite(self.price_per_1k) and self.price_per_1k >= 0),
              "price_per_1k", "a non-negative number"),

@@ -72,6 +72,12 @@ def fitted_bias(res, labels, calibration: str):
     return objective.fit_bias(res.logprobs, labels)
 
 
+def fitness(res, labels, loss: str, calibration: str):
+    """Losses, predictions and fitted bias (or None) of a scored population, as the search sees them."""
+    bias = fitted_bias(res, labels, calibration)
+    return (*_fitness(res, labels, loss, bias), bias)
+
+
 def score_population(backend, space, zs: np.ndarray, batch, labels, loss: str, need_grad: bool,
                      calibration: str = "none") -> Scored:
     """Score candidates on the training batch. With ``calibration="bias"`` each candidate's loss is the one
@@ -81,8 +87,7 @@ def score_population(backend, space, zs: np.ndarray, batch, labels, loss: str, n
     if not need_grad:
         prompts = space.decode(zs)
         res = score_prompts(backend, prompts, batch)
-        bias = fitted_bias(res, labels, calibration)
-        losses, pred = _fitness(res, labels, loss, bias)
+        losses, pred, bias = fitness(res, labels, loss, calibration)
         return Scored(losses=losses, logprobs=res.logprobs, grads=None, tokens=res.tokens,
                       seconds=time.perf_counter() - start, bytes_sent=res.bytes_sent,
                       bytes_received=res.bytes_received, predictions=pred,

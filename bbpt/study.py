@@ -55,8 +55,13 @@ def run(sess: Session, progress: bool = True) -> dict:
         log.info("resuming study %s at call %d/%d", sess.name, loop.calls, cfg.budget)
     best_z = sess.trial_z(loop.best_trial) if loop.best_trial is not None else None
     bar = sess.progress_bar(total=cfg.budget, initial=loop.calls, enabled=progress)
-    # Stored with the first generation, so a kill before it leaves nothing half-written.
-    start_evals = [_start_eval(sess, space, loop)] if cfg.keep_start and ck is None else []
+    # Stored with the first generation, so a kill before it leaves nothing half-written. What the session scored
+    # before the search (--demos auto's two calls) is the study's time and tokens, not its budget's calls.
+    start_evals = []
+    if ck is None:
+        start_evals = list(sess.start_evals) + ([_start_eval(sess, space, loop)] if cfg.keep_start else [])
+        loop.seconds += sess.start_seconds
+        loop.eval_tokens += sum(e["tokens"] for e in sess.start_evals)
     while loop.calls + per_gen <= cfg.budget and not opt.stop():
         if cfg.max_tokens_total and loop.tokens + loop.eval_tokens + loop.gen_tokens_max > cfg.max_tokens_total:
             loop.stopped = "max_tokens_total"

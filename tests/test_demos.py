@@ -50,6 +50,83 @@ def test_a_stored_config_without_demos_means_none_and_too_many_are_refused():
         StudyConfig(task="sst2", shots=16, demos=17)
 
 
+def _optimize(tiny_model_dir, storage_url, tmp_path, *extra):
+    return main(["-q", "optimize", "--model", tiny_model_dir, "--task", "sst2", "--shots", "4", "--max-test", "8",
+                 "--optimizer", "cma", "--popsize", "4", "--prompt-tokens", "3", "--intrinsic-dim", "8",
+                 "--storage", storage_url, "--runs-dir", str(tmp_path / "runs"), "--study", "s", "--json",
+                 "--no-progress", *extra])
+
+
+def test_demos_auto_starts_from_the_template_with_the_lower_p0_loss_on_the_examples_not_shown(
+        tiny_model_dir, tiny_backend, storage_url, tmp_path, capsys):
+    import numpy as np
+
+    from bbpt.demos_choice import SPLIT
+    from bbpt.objective import calibrated, fit_bias, loss
+    from bbpt.storage import Storage
+    from bbpt.tasks.demos import pick_demos, with_demos
+
+    assert _optimize(tiny_model_dir, storage_url, tmp_path, "--budget", "8", "--demos", "auto") == 0
+    summary = json.loads(capsys.readouterr().out)
+    storage = Storage(storage_url)
+    rows = {e.metrics["demos"]: e for e in storage.evaluations(storage.require_study("s").id) if e.split == SPLIT}
+    assert sorted(rows) == [0, 1] and summary["demos_choice_calls"] == 2
+    # Each loss is P0's (no offset: the tiny backend holds the same P0), calibrated as the study would, over the
+    # 6 training examples that neither template shows as a demonstration.
+    plain = load_task_for(StudyConfig(task="sst2", shots=4, seed=0, optimizer="cma", max_test=8))
+    shown = {id(ex) for ex in pick_demos(plain, 1, 0)}
+    held = [i for i, ex in enumerate(plain.train) if id(ex) not in shown]
+    y = np.array([ex.label for ex in plain.train])[held]
+    from bbpt.session import resolve_init
+
+    tiny_backend.set_init(resolve_init(StudyConfig(task="sst2", shots=4, prompt_tokens=3), plain))
+    for k, task in ((0, plain), (1, with_demos(plain, 1, 0))):
+        lp = tiny_backend.score(np.zeros((1, 3, tiny_backend.info().hidden_size)),
+                                tiny_backend.encode(task.train, task.template, task.label_words)).logprobs[:, held]
+        expected = loss(calibrated(lp, fit_bias(lp, y)), y)[0]
+        assert rows[k].metrics["examples"] == 6
+        assert rows[k].metrics["loss"] == pytest.approx(expected, abs=1e-5)
+    chosen = min(rows, key=lambda k: (rows[k].metrics["loss"], k))
+    assert summary["demos"] == chosen
+    template = (with_demos(plain, 1, 0) if chosen else plain).template.source
+    assert SavedPrompt.load(summary["prompt_path"]).meta["template"] == template
+
+
+def test_demos_auto_resumes_from_its_stored_choice_without_scoring_again(tiny_model_dir, storage_url, tmp_path,
+                                                                         capsys, monkeypatch):
+    from bbpt import demos_choice
+    from bbpt.storage import Storage
+
+    assert _optimize(tiny_model_dir, storage_url, tmp_path, "--budget", "8", "--demos", "auto") == 0
+    first = json.loads(capsys.readouterr().out)
+
+    def not_again(*a, **k):
+        raise AssertionError("a resumed study scored the demonstrations' choice again")
+
+    monkeypatch.setattr(demos_choice, "score_candidates", not_again)
+    assert _optimize(tiny_model_dir, storage_url, tmp_path, "--budget", "12", "--demos", "auto") == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["calls"] == 12 and again["demos"] == first["demos"] and again["demos_choice_calls"] == 2
+    storage = Storage(storage_url)
+    assert sum(e.split == demos_choice.SPLIT for e in storage.evaluations(storage.require_study("s").id)) == 2
+
+
+def test_demos_auto_is_refused_where_it_cannot_compare_and_nothing_is_written(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--demos 'auto' is invalid.*at one shot per class none is left"):
+        StudyConfig(task="sst2", shots=1, demos="auto")
+    with pytest.raises(ConfigError, match="--demos 'often' is invalid.*auto, or a whole number"):
+        StudyConfig(task="sst2", demos="often")
+    url = f"sqlite:///{tmp_path / 'refused.db'}"
+    assert main(["-q", "optimize", "--model", tiny_model_dir, "--task", "e2e", "--shots", "2", "--demos", "auto",
+                 "--storage", url, "--runs-dir", str(tmp_path / "runs"), "--no-progress"]) == 2
+    assert "generation task; pick a number" in capsys.readouterr().err
+    assert not (tmp_path / "refused.db").exists() and not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit) as e:
+        main(["optimize", "--demos", "often"])
+    assert e.value.code == 2 and "'often' should be a whole number of demonstrations per class, or auto" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_on_the_default_model_demonstrations_are_kept_once_and_score_as_uncached(real_backend):
     """SST-2 with --demos 1 on SmolLM2: the shared demonstrations' keys/values give the uncached scores; and
@@ -86,3 +163,25 @@ def test_on_the_default_model_demonstrations_are_kept_once_and_score_as_uncached
     per_example = len(heads) * (h + width) * token_bytes
     kept_once = (h + len(heads) * width) * token_bytes
     assert per_example > 2**30 > kept_once
+
+
+@pytest.mark.slow
+def test_on_the_default_model_demos_auto_chooses_on_train_and_the_study_uses_its_choice(storage_url, tmp_path,
+                                                                                       capsys):
+    """`bbpt optimize --demos auto` on SmolLM2 (SST-2, a few calls): both starting templates scored on the 30
+    training examples not shown, the lower loss chosen, and the saved prompt carries the chosen template."""
+    from bbpt.demos_choice import SPLIT
+    from bbpt.storage import Storage
+
+    rc = main(["-q", "optimize", "--task", "sst2", "--optimizer", "gn", "--popsize", "4", "--budget", "4",
+               "--max-test", "8", "--demos", "auto", "--storage", storage_url, "--runs-dir", str(tmp_path / "runs"),
+               "--study", "auto", "--json", "--no-progress"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    storage = Storage(storage_url)
+    rows = [e.metrics for e in storage.evaluations(storage.require_study("auto").id) if e.split == SPLIT]
+    assert sorted(m["demos"] for m in rows) == [0, 1] and all(m["examples"] == 30 for m in rows)
+    assert rows[0]["loss"] != rows[1]["loss"]
+    assert summary["demos"] == min(rows, key=lambda m: m["loss"])["demos"]
+    template = SavedPrompt.load(summary["prompt_path"]).meta["template"]
+    assert (template.count("\n\n") == 2) == (summary["demos"] == 1)     # two demonstrations, then the query

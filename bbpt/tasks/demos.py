@@ -14,18 +14,26 @@ import random
 from bbpt.tasks._base import Task, Template
 
 
+def pick_demos(task: Task, demos_per_class: int, seed: int) -> list:
+    """The train examples written as demonstrations, in their order in the prompt: ``demos_per_class`` of each
+    class (a generation task: that many in all), drawn with ``seed``."""
+    rng = random.Random(seed)
+    if task.kind == "generation":
+        return rng.sample(task.train, demos_per_class)
+    picks = []
+    for c in range(task.num_classes):
+        picks += rng.sample([ex for ex in task.train if ex.label == c], demos_per_class)
+    rng.shuffle(picks)     # classes interleaved at random, so the last demonstration does not hint a label
+    return picks
+
+
 def icl_template(task: Task, demos_per_class: int, seed: int) -> str:
     """The task's template preceded by solved train examples, blank-line separated. A generation task has no
     classes: ``demos_per_class`` is then the number of demonstrations (k shots), each with its answer."""
-    rng = random.Random(seed)
+    picks = pick_demos(task, demos_per_class, seed)
     if task.kind == "generation":
-        picks = rng.sample(task.train, demos_per_class)
         demos = [task.template.render_plain(ex) + ex.targets[0] for ex in picks]
     else:
-        picks = []
-        for c in range(task.num_classes):
-            picks += rng.sample([ex for ex in task.train if ex.label == c], demos_per_class)
-        rng.shuffle(picks)     # classes interleaved at random, so the last demonstration does not hint a label
         demos = [task.template.render_plain(ex) + task.label_words[ex.label] for ex in picks]
     # Demonstrations are literal text inside a format string: braces in them must not become fields.
     escaped = [d.replace("{", "{{").replace("}", "}}") for d in demos]
