@@ -285,6 +285,10 @@ def _describe(spec: StudySpec, arm: Arm) -> str:
              f"space {cfg.space}"]
     if cfg.prompt_position:
         parts.append(f"prompt {cfg.prompt_position}")
+    if cfg.demos == "auto":
+        parts.append("1 demonstration per class if it lowers P0's training loss (demos auto)")
+    elif cfg.demos:
+        parts.append(f"{cfg.demos} demonstration(s) per class before every input")
     if cfg.dtype != "float32":          # float32 is the default and what most arms ran; say when it is not
         parts.append(f"model in {cfg.dtype}")
     if cfg.space == "projected":
