@@ -46,7 +46,7 @@ def stored_choice(evaluations) -> int | None:
     """The choice a study made before its first generation, read back from its evaluations (None if it has
     not made one yet): a resume starts from the same template without scoring again."""
     rows = [e.metrics for e in evaluations if e.split == SPLIT]
-    return min(rows, key=lambda m: (m["loss"], m["demos"]))["demos"] if rows else None
+    return min(rows, key=_rank)["demos"] if rows else None
 
 
 def score_candidates(backend, space, task: Task, seed: int, loss: str, calibration: str) -> list[Candidate]:
@@ -71,6 +71,10 @@ def score_candidates(backend, space, task: Task, seed: int, loss: str, calibrati
     return out
 
 
+def _rank(metrics: dict) -> tuple:
+    """The lower loss wins; a tie goes to no demonstrations (shorter, cheaper calls)."""
+    return metrics["loss"], metrics["demos"]
+
+
 def pick(cands: list[Candidate]) -> Candidate:
-    """The lower loss; a tie goes to no demonstrations (shorter, cheaper calls)."""
-    return min(cands, key=lambda c: (c.metrics["loss"], c.demos))
+    return min(cands, key=lambda c: _rank(c.metrics))

@@ -237,7 +237,7 @@ class Session:
         cfg = self.config
         stored = demos_choice.stored_choice(self.storage.evaluations(existing.id)) if existing else None
         if stored is not None:
-            task = demos_choice.candidates(self.task, cfg.seed)[stored > 0]
+            task = demos_choice.candidates(self.task, cfg.seed)[(0, demos_choice.AUTO_DEMOS).index(stored)]
             return task, self.backend.encode(task.train, task.template, task.label_words)
         cands = demos_choice.score_candidates(self.backend, self.space, self.task, cfg.seed, cfg.loss,
                                               cfg.calibration)
@@ -345,8 +345,8 @@ class Session:
         if cfg.demos == "auto":         # what auto chose, and the two calls that chose it
             from bbpt.demos_choice import SPLIT, stored_choice
 
-            summary.update(demos=stored_choice(store.evaluations(sid)),
-                           demos_choice_calls=sum(e.split == SPLIT for e in store.evaluations(sid)))
+            evals = store.evaluations(sid)
+            summary.update(demos=stored_choice(evals), demos_choice_calls=sum(e.split == SPLIT for e in evals))
         summary.update(self._spending(loop))
         if len(self.info.extra.get("endpoints") or ()) > 1:     # a population spread over several servers
             from collections import Counter
