@@ -179,13 +179,13 @@ def _ints(text: str) -> list[int]:
 
 
 def _demos(text: str) -> int | str:
-    if text == "auto":
+    if text in ("auto", "auto:train"):
         return text
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} should be a whole number of demonstrations per class, or "
-                                         "auto") from None
+        raise argparse.ArgumentTypeError(f"{text!r} should be a whole number of demonstrations per class, "
+                                         "auto or auto:train") from None
 
 
 def _add_study_parser(sub) -> None:
@@ -275,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--demos", type=_demos, metavar="K|auto", help="write K solved train examples per class before "
                    "every input, as in-context demonstrations, and tune the prompt from there (default 0; the icl arm "
                    "of a study spec scores the same text with no prompt). auto: one per class if they lower the "
-                   "starting prompt's training loss (two calls before the search decide; they helped SST-2 and "
-                   "DBpedia and hurt Yelp). Longer inputs make calls dearer")
+                   "starting prompt's loss on the training examples not shown and on dev (four calls before the "
+                   "search decide; they helped SST-2, DBpedia and SNLI and hurt Yelp); auto:train: on those "
+                   "training examples alone (two calls; config version 3's auto). Longer inputs make calls dearer")
     g.add_argument("--space", choices=SPACES, help="projected: P = P0 + A z "
                    "(default for derivative-free); full: train P itself (default for backprop); discrete: P0 + A z "
                    "snapped to the nearest tokens, sent as text; vocab: each of --prompt-tokens positions picks one "

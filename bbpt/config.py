@@ -8,13 +8,19 @@ from dataclasses import dataclass, field
 
 from bbpt.errors import ConfigError
 
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 # What a key added since version 1 meant before it existed: a stored version-1 config resumes and re-runs
 # exactly as it was run (its studies had no calibration).
 V1_MEANING = {"calibration": "none"}
 # Before version 3 a soft prompt led the input unless the template placed it: a stored config without the key
 # (or with None, its old default) keeps that placement. Version 3's default puts it after the input (``auto``).
 V2_MEANING = {"prompt_position": None}
+# ``demos = "auto"`` chose on P0's training loss alone until version 4, and reads training and dev losses
+# together since: a stored version-3 "auto" is that rule, spelled "auto:train" now.
+V3_MEANING = {"auto": "auto:train"}
+# The values of ``demos`` that choose between no demonstrations and one per class before the search, and the
+# splits each reads P0's loss on (bbpt/demos_choice.py).
+AUTO_DEMOS = {"auto": ("train", "dev"), "auto:train": ("train",)}
 
 # Keys that may change between a run and its resume without changing which trials it produces.
 RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every", "price_per_1k", "max_tokens_total",
@@ -65,7 +71,8 @@ class StudyConfig:
     init: str = "task"
     # solved train examples per class written before every input (the icl arm's template), so the search starts
     # from in-context learning; 0: none (and what a stored config without the key meant); "auto": one per class
-    # if they lower the starting prompt's training loss, scored both ways before the search (bbpt/demos_choice.py)
+    # if they lower the starting prompt's loss on the training examples not shown and on dev, scored both ways
+    # before the search; "auto:train": the same on the training examples alone (bbpt/demos_choice.py)
     demos: int | str = 0
     # where the prompt enters: input embeddings (prompt tuning), deep (an offset on the hidden states at the
     # prompt's positions before each of --layers, as BBTv2) or prefix (keys/values per layer, as PEFT's prefix
@@ -152,10 +159,10 @@ class StudyConfig:
                                           and self.space == "projected"), "schedule",
              "joint unless --optimizer cma searches a deep or prefix prompt (--depth deep|prefix, projected)"),
             (self.max_new_tokens >= 1, "max_new_tokens", "at least 1 token"),
-            (self.demos == "auto" or (type(self.demos) is int and 0 <= self.demos <= self.shots), "demos",
-             f"auto, or a whole number between 0 and --shots ({self.shots}): demonstrations come from the train "
-             "split"),
-            (self.demos != "auto" or self.shots >= 2, "demos",
+            (self.demos_auto or (type(self.demos) is int and 0 <= self.demos <= self.shots), "demos",
+             f"auto, auto:train, or a whole number between 0 and --shots ({self.shots}): demonstrations come "
+             "from the train split"),
+            (not self.demos_auto or self.shots >= 2, "demos",
              "a number with --shots 1: auto compares losses on the training examples that are not shown as "
              "demonstrations, and at one shot per class none is left"),
             (self.top_logprobs is None or self.top_logprobs >= 1, "top_logprobs", "at least 1"),
@@ -166,6 +173,11 @@ class StudyConfig:
         for ok, key, need in checks:
             if not ok:
                 raise ConfigError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is invalid: it must be {need}")
+
+    @property
+    def demos_auto(self) -> bool:
+        """Whether the study chooses its demonstrations before the search (``auto`` or ``auto:train``)."""
+        return isinstance(self.demos, str) and self.demos in AUTO_DEMOS
 
     def _placement(self) -> str | None:
         """The prompt's position, resolved: None only where the template places ``{prompt}`` itself (it
@@ -193,6 +205,8 @@ class StudyConfig:
             d = {**V1_MEANING, **d}
         if d.get("version", CONFIG_VERSION) < 3:
             d = {**V2_MEANING, **d}
+        if d.get("version", CONFIG_VERSION) < 4 and isinstance(d.get("demos"), str):
+            d = {**d, "demos": V3_MEANING.get(d["demos"], d["demos"])}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

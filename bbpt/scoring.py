@@ -50,7 +50,7 @@ def score_prompts(backend, prompts, batch):
                    predicted=None if res.predicted is None else res.predicted[inverse])
 
 
-def _fitness(res, labels, loss: str, bias=None) -> tuple[np.ndarray, np.ndarray | None]:
+def fitness_at(res, labels, loss: str, bias=None) -> tuple[np.ndarray, np.ndarray | None]:
     """Losses and predictions of a scored population, after adding ``bias`` ``[pop, C]`` to its scores when
     given. Answers without scores (``predicted``) can only be right or wrong, so their loss is the error rate
     whatever ``loss`` says, and no bias applies to them. Generation scores (``target_tokens``) have no
@@ -75,7 +75,7 @@ def fitted_bias(res, labels, calibration: str):
 def fitness(res, labels, loss: str, calibration: str):
     """Losses, predictions and fitted bias (or None) of a scored population, as the search sees them."""
     bias = fitted_bias(res, labels, calibration)
-    return (*_fitness(res, labels, loss, bias), bias)
+    return (*fitness_at(res, labels, loss, bias), bias)
 
 
 def score_population(backend, space, zs: np.ndarray, batch, labels, loss: str, need_grad: bool,
@@ -140,7 +140,7 @@ def evaluate(backend, prompts, batch, labels, num_classes: int, bias=None, *, fi
     fitted = fitted_bias(res, labels, fit)
     if fitted is not None:
         bias = fitted[0]
-    losses, pred = _fitness(res, labels, "ce", None if bias is None else np.asarray(bias, np.float64)[None])
+    losses, pred = fitness_at(res, labels, "ce", None if bias is None else np.asarray(bias, np.float64)[None])
     if pred is None:
         m = objective.target_metrics(res.logprobs[0], res.target_tokens)
     else:

@@ -67,7 +67,7 @@ def load_task_for(cfg: StudyConfig) -> Task:
                      text_field=cfg.text_field, text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
                      shots=cfg.shots, seed=cfg.seed, max_test=cfg.max_test, prompt_position=cfg.prompt_position,
                      dev_shots=cfg.dev_shots)
-    return with_demos(task, cfg.demos if cfg.demos != "auto" else 0, cfg.seed)    # auto: the Session chooses
+    return with_demos(task, 0 if cfg.demos_auto else cfg.demos, cfg.seed)    # auto: the Session chooses
 
 
 def open_backend(cfg: StudyConfig, api_key: str | None = None):
@@ -119,8 +119,8 @@ def check_task(cfg: StudyConfig, task: Task) -> None:
         raise ConfigError(f"--backend {cfg.backend} cannot score a generation task: it returns no log-likelihood "
                           "of a given answer (vLLM gives no prompt log-probs for prompt embeddings; a text API only "
                           "top-k log-probs); use --backend local, or api (a bbpt serve)")
-    if cfg.demos == "auto":
-        raise ConfigError(f"--demos auto compares label losses, and {task.name!r} is a generation task; pick a "
+    if cfg.demos_auto:
+        raise ConfigError(f"--demos {cfg.demos} compares label losses, and {task.name!r} is a generation task; pick a "
                           "number (--demos K writes K solved examples before every input)")
     if cfg.optimizer == "gn":
         raise ConfigError(f"--optimizer gn models label scores, and {task.name!r} is a generation task (it scores "
@@ -201,11 +201,13 @@ class Session:
         self.space = make_prompt_space(cfg, self.task, self.init, self.info, self.site)
         encode = lambda split: self.backend.encode(self.task.split(split), self.task.template, self.task.label_words)
         self.start_evals, self.start_seconds = [], 0.0     # stored with the first generation
-        if cfg.demos == "auto":
-            self.task, self.train = self._choose_demos(existing)
+        self.dev = None
+        if cfg.demos_auto:
+            self.task, self.train, self.dev = self._choose_demos(existing)
         else:
             self.train = encode("train")
-        self.dev = encode("dev")
+        if self.dev is None:
+            self.dev = encode("dev")
         self.y_train = np.array([e.label for e in self.task.train])
         self.train_batches = [
             (self.backend.encode([self.task.train[i] for i in idx], self.task.template, self.task.label_words),
@@ -229,27 +231,29 @@ class Session:
             self.backend.use_cache(storage.request_cache(self.study_id))
 
     def _choose_demos(self, existing):
-        """``--demos auto``: the template (with or without demonstrations) under which P0's training loss is
-        lower, and the training set encoded under it. A resumed study reads the choice it stored; a new one
-        scores both (two calls, kept for the first generation to store: seconds and tokens count as the study's)."""
+        """``--demos auto``: the template (with or without demonstrations) under which P0's loss is lower, and
+        the training set (and dev, if the rule scored it) encoded under it. A resumed study reads the choice it
+        stored; a new one scores both (a call per template and split, kept for the first generation to store:
+        seconds and tokens count as the study's, not against --budget)."""
         from bbpt import demos_choice
 
         cfg = self.config
         stored = demos_choice.stored_choice(self.storage.evaluations(existing.id)) if existing else None
         if stored is not None:
             task = demos_choice.candidates(self.task, cfg.seed)[(0, demos_choice.AUTO_DEMOS).index(stored)]
-            return task, self.backend.encode(task.train, task.template, task.label_words)
+            return task, self.backend.encode(task.train, task.template, task.label_words), None
         cands = demos_choice.score_candidates(self.backend, self.space, self.task, cfg.seed, cfg.loss,
-                                              cfg.calibration)
+                                              cfg.calibration, cfg.demos)
         chosen = demos_choice.pick(cands)
         self.start_evals = [dict(trial_number=START, split=demos_choice.SPLIT, metrics=c.metrics, tokens=c.tokens,
-                                 note=f"P0 with {c.demos} demonstration(s) per class, on the training examples not "
-                                      f"shown as one (--demos auto: {'chosen' if c is chosen else 'not chosen'})")
+                                 note=f"P0 with {c.demos} demonstration(s) per class, on the examples not shown as "
+                                      f"one (--demos {cfg.demos}: {'chosen' if c is chosen else 'not chosen'})")
                             for c in cands]
         self.start_seconds = sum(c.seconds for c in cands)
-        log.info("--demos auto: P0's training loss %s; starting from %d demonstration(s) per class",
+        log.info("--demos %s: P0's loss on %s %s; starting from %d demonstration(s) per class", cfg.demos,
+                 " and ".join(demos_choice.RULES[cfg.demos]),
                  ", ".join(f"{c.metrics['loss']:.4f} with {c.demos}" for c in cands), chosen.demos)
-        return chosen.task, chosen.train
+        return chosen.task, chosen.train, chosen.dev
 
     def _check_resumable(self, ck) -> None:
         """Compaction drops a complete study's optimizer state; its budget can then no longer grow."""
@@ -342,11 +346,11 @@ class Session:
                 summary[f"baseline_test_{key}"] = by[(None, "test")].get(key)
                 summary[f"test_{key}"] = by[(sel, "test")][key]
                 summary[f"dev_{key}"] = by[(sel, "dev")].get(key)
-        if cfg.demos == "auto":         # what auto chose, and the two calls that chose it
-            from bbpt.demos_choice import SPLIT, stored_choice
+        if cfg.demos_auto:         # what auto chose, and the calls that chose it
+            from bbpt.demos_choice import choice_calls, stored_choice
 
             evals = store.evaluations(sid)
-            summary.update(demos=stored_choice(evals), demos_choice_calls=sum(e.split == SPLIT for e in evals))
+            summary.update(demos=stored_choice(evals), demos_choice_calls=choice_calls(evals))
         summary.update(self._spending(loop))
         if len(self.info.extra.get("endpoints") or ()) > 1:     # a population spread over several servers
             from collections import Counter

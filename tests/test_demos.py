@@ -57,8 +57,9 @@ def _optimize(tiny_model_dir, storage_url, tmp_path, *extra):
                  "--no-progress", *extra])
 
 
+@pytest.mark.parametrize("rule", ["auto", "auto:train"])
 def test_demos_auto_starts_from_the_template_with_the_lower_p0_loss_on_the_examples_not_shown(
-        tiny_model_dir, tiny_backend, storage_url, tmp_path, capsys):
+        rule, tiny_model_dir, tiny_backend, storage_url, tmp_path, capsys):
     import numpy as np
 
     from bbpt.demos_choice import SPLIT
@@ -66,30 +67,57 @@ def test_demos_auto_starts_from_the_template_with_the_lower_p0_loss_on_the_examp
     from bbpt.storage import Storage
     from bbpt.tasks.demos import pick_demos, with_demos
 
-    assert _optimize(tiny_model_dir, storage_url, tmp_path, "--budget", "8", "--demos", "auto") == 0
+    assert _optimize(tiny_model_dir, storage_url, tmp_path, "--budget", "8", "--demos", rule) == 0
     summary = json.loads(capsys.readouterr().out)
     storage = Storage(storage_url)
     rows = {e.metrics["demos"]: e for e in storage.evaluations(storage.require_study("s").id) if e.split == SPLIT}
-    assert sorted(rows) == [0, 1] and summary["demos_choice_calls"] == 2
-    # Each loss is P0's (no offset: the tiny backend holds the same P0), calibrated as the study would, over the
-    # 6 training examples that neither template shows as a demonstration.
+    with_dev = rule == "auto"
+    assert sorted(rows) == [0, 1] and summary["demos_choice_calls"] == (4 if with_dev else 2)
+    # Each loss is P0's (no offset: the tiny backend holds the same P0), calibrated as the study would (a bias
+    # fitted on the 6 training examples that neither template shows as a demonstration), over those 6 and, for
+    # auto, the 8 dev examples too, each example weighing the same.
     plain = load_task_for(StudyConfig(task="sst2", shots=4, seed=0, optimizer="cma", max_test=8))
     shown = {id(ex) for ex in pick_demos(plain, 1, 0)}
     held = [i for i, ex in enumerate(plain.train) if id(ex) not in shown]
     y = np.array([ex.label for ex in plain.train])[held]
+    y_dev = np.array([ex.label for ex in plain.dev])
     from bbpt.session import resolve_init
 
     tiny_backend.set_init(resolve_init(StudyConfig(task="sst2", shots=4, prompt_tokens=3), plain))
+    p0 = np.zeros((1, 3, tiny_backend.info().hidden_size))
     for k, task in ((0, plain), (1, with_demos(plain, 1, 0))):
-        lp = tiny_backend.score(np.zeros((1, 3, tiny_backend.info().hidden_size)),
-                                tiny_backend.encode(task.train, task.template, task.label_words)).logprobs[:, held]
-        expected = loss(calibrated(lp, fit_bias(lp, y)), y)[0]
-        assert rows[k].metrics["examples"] == 6
-        assert rows[k].metrics["loss"] == pytest.approx(expected, abs=1e-5)
+        lp = tiny_backend.score(p0, tiny_backend.encode(task.train, task.template, task.label_words)).logprobs[:, held]
+        bias = fit_bias(lp, y)
+        train_loss = loss(calibrated(lp, bias), y)[0]
+        m = rows[k].metrics
+        assert m["examples"] == 6
+        if with_dev:
+            lp_dev = tiny_backend.score(p0, tiny_backend.encode(task.dev, task.template, task.label_words)).logprobs
+            dev_loss = loss(calibrated(lp_dev, bias), y_dev)[0]
+            assert m["dev_examples"] == len(y_dev) == 8
+            assert m["train_loss"] == pytest.approx(train_loss, abs=1e-5)
+            assert m["dev_loss"] == pytest.approx(dev_loss, abs=1e-5)
+            assert m["loss"] == pytest.approx((6 * train_loss + 8 * dev_loss) / 14, abs=1e-5)
+        else:
+            assert "dev_loss" not in m and m["loss"] == pytest.approx(train_loss, abs=1e-5)
     chosen = min(rows, key=lambda k: (rows[k].metrics["loss"], k))
     assert summary["demos"] == chosen
     template = (with_demos(plain, 1, 0) if chosen else plain).template.source
     assert SavedPrompt.load(summary["prompt_path"]).meta["template"] == template
+
+
+def test_a_version_3_demos_auto_keeps_its_training_loss_rule():
+    """Config version 4 gave ``auto`` the training and dev losses; a study stored with version 3's ``auto``
+    resumes and re-runs with the rule it ran with, now spelled ``auto:train``."""
+    from bbpt.config import CONFIG_VERSION
+
+    old = {**StudyConfig(task="sst2", optimizer="gn").to_dict(), "version": 3, "demos": "auto"}
+    assert CONFIG_VERSION == 4 and StudyConfig.from_dict(old).demos == "auto:train"
+    assert StudyConfig.from_dict({**old, "version": 4}).demos == "auto"
+    assert StudyConfig.from_dict({**old, "demos": 1}).demos == 1
+    # read back and stored again (a resume stores the config), it keeps that meaning
+    again = StudyConfig.from_dict(StudyConfig.from_dict(old).to_dict())
+    assert again.demos == "auto:train" and not again.differences(StudyConfig.from_dict(old))
 
 
 def test_demos_auto_resumes_from_its_stored_choice_without_scoring_again(tiny_model_dir, storage_url, tmp_path,
@@ -106,7 +134,7 @@ def test_demos_auto_resumes_from_its_stored_choice_without_scoring_again(tiny_mo
     monkeypatch.setattr(demos_choice, "score_candidates", not_again)
     assert _optimize(tiny_model_dir, storage_url, tmp_path, "--budget", "12", "--demos", "auto") == 0
     again = json.loads(capsys.readouterr().out)
-    assert again["calls"] == 12 and again["demos"] == first["demos"] and again["demos_choice_calls"] == 2
+    assert again["calls"] == 12 and again["demos"] == first["demos"] and again["demos_choice_calls"] == 4
     storage = Storage(storage_url)
     assert sum(e.split == demos_choice.SPLIT for e in storage.evaluations(storage.require_study("s").id)) == 2
 
@@ -114,7 +142,7 @@ def test_demos_auto_resumes_from_its_stored_choice_without_scoring_again(tiny_mo
 def test_demos_auto_is_refused_where_it_cannot_compare_and_nothing_is_written(tiny_model_dir, tmp_path, capsys):
     with pytest.raises(ConfigError, match="--demos 'auto' is invalid.*at one shot per class none is left"):
         StudyConfig(task="sst2", shots=1, demos="auto")
-    with pytest.raises(ConfigError, match="--demos 'often' is invalid.*auto, or a whole number"):
+    with pytest.raises(ConfigError, match="--demos 'often' is invalid.*auto, auto:train, or a whole number"):
         StudyConfig(task="sst2", demos="often")
     url = f"sqlite:///{tmp_path / 'refused.db'}"
     assert main(["-q", "optimize", "--model", tiny_model_dir, "--task", "e2e", "--shots", "2", "--demos", "auto",
@@ -123,7 +151,7 @@ def test_demos_auto_is_refused_where_it_cannot_compare_and_nothing_is_written(ti
     assert not (tmp_path / "refused.db").exists() and not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit) as e:
         main(["optimize", "--demos", "often"])
-    assert e.value.code == 2 and "'often' should be a whole number of demonstrations per class, or auto" in \
+    assert e.value.code == 2 and "'often' should be a whole number of demonstrations per class, auto or auto:train" in \
         capsys.readouterr().err
 
 
@@ -181,6 +209,7 @@ def test_on_the_default_model_demos_auto_chooses_on_train_and_the_study_uses_its
     storage = Storage(storage_url)
     rows = [e.metrics for e in storage.evaluations(storage.require_study("auto").id) if e.split == SPLIT]
     assert sorted(m["demos"] for m in rows) == [0, 1] and all(m["examples"] == 30 for m in rows)
+    assert all(m["dev_examples"] == 32 and m["calls"] == 2 for m in rows)     # auto reads dev too
     assert rows[0]["loss"] != rows[1]["loss"]
     assert summary["demos"] == min(rows, key=lambda m: m["loss"])["demos"]
     template = SavedPrompt.load(summary["prompt_path"]).meta["template"]

@@ -146,8 +146,8 @@ def test_mini_batches_score_a_generation_on_part_of_train_and_its_best_on_all(ti
     # the re-score's loss is the whole training set's: scoring that prompt again gives it
     z = np.frombuffer(whole[0].z, dtype="<f4")[None]
     again = sess.backend.score(sess.space.decode(z), sess.train)
-    from bbpt.scoring import _fitness, fitted_bias
-    loss, _ = _fitness(again, sess.y_train, "ce", fitted_bias(again, sess.y_train, "bias"))
+    from bbpt.scoring import fitness_at, fitted_bias
+    loss, _ = fitness_at(again, sess.y_train, "ce", fitted_bias(again, sess.y_train, "bias"))
     assert loss[0] == pytest.approx(whole[0].loss, abs=1e-5)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 import bbpt
+from bbpt.config import AUTO_DEMOS
 from bbpt.errors import StorageError
 from bbpt.report import StudyReport, band_figure, gather
 from bbpt.storage import Storage
@@ -285,8 +286,9 @@ def _describe(spec: StudySpec, arm: Arm) -> str:
              f"space {cfg.space}"]
     if cfg.prompt_position:
         parts.append(f"prompt {cfg.prompt_position}")
-    if cfg.demos == "auto":
-        parts.append("1 demonstration per class if it lowers P0's training loss (demos auto)")
+    if cfg.demos_auto:
+        where = " and ".join(AUTO_DEMOS[cfg.demos]).replace("train", "training")
+        parts.append(f"1 demonstration per class if it lowers P0's {where} loss (demos {cfg.demos})")
     elif cfg.demos:
         parts.append(f"{cfg.demos} demonstration(s) per class before every input")
     if cfg.dtype != "float32":          # float32 is the default and what most arms ran; say when it is not
