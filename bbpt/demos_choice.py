@@ -79,24 +79,24 @@ def score_candidates(backend, space, task: Task, seed: int, loss: str, calibrati
     out = []
     for demos, t in zip((0, AUTO_DEMOS), candidates(task, seed)):
         start = time.perf_counter()
-        metrics, tokens, encoded, bias, pooled = dict(demos=demos, calls=len(splits)), 0, {}, None, []
-        for split in splits:
+        metrics, tokens, encoded, bias = dict(demos=demos, calls=len(splits)), 0, {}, None
+        for split in splits:        # train first: its scores fit the bias that dev is read with
             encoded[split] = backend.encode(t.split(split), t.template, t.label_words)
             res = score_prompts(backend, p0, encoded[split])
             if split == "train":
                 res = dataclasses.replace(res, logprobs=res.logprobs[:, held], predicted=None if res.predicted
                                           is None else np.asarray(res.predicted)[:, held])
-                bias = fitted_bias(res, labels[split], calibration)
+                bias = fitted_bias(res, labels["train"], calibration)
             losses, pred = fitness_at(res, labels[split], loss, bias)
             tokens += res.tokens
-            pooled.append((float(losses[0]), len(labels[split])))
-            prefix = "" if split == "train" else f"{split}_"
-            metrics.update({f"{prefix}loss": float(losses[0]), f"{prefix}examples": len(labels[split])})
+            key = "" if split == "train" else "dev_"
+            metrics[f"{key}loss"], metrics[f"{key}examples"] = float(losses[0]), len(labels[split])
             if pred is not None:
-                metrics[f"{prefix}accuracy"] = float((pred[0] == labels[split]).mean())
-        if len(pooled) > 1:     # "loss" is what the rule compares; the training examples' own is kept apart
+                metrics[f"{key}accuracy"] = float((pred[0] == labels[split]).mean())
+        if "dev" in splits:         # the rule compares the pooled loss; the training examples' own stays apart
+            n, n_dev = metrics["examples"], metrics["dev_examples"]
             metrics["train_loss"] = metrics["loss"]
-            metrics["loss"] = sum(l * n for l, n in pooled) / sum(n for _, n in pooled)
+            metrics["loss"] = (n * metrics["train_loss"] + n_dev * metrics["dev_loss"]) / (n + n_dev)
         out.append(Candidate(demos, t, encoded["train"], encoded.get("dev"), metrics, tokens,
                              time.perf_counter() - start))
     return out
