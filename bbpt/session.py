@@ -201,13 +201,10 @@ class Session:
         self.space = make_prompt_space(cfg, self.task, self.init, self.info, self.site)
         encode = lambda split: self.backend.encode(self.task.split(split), self.task.template, self.task.label_words)
         self.start_evals, self.start_seconds = [], 0.0     # stored with the first generation
-        self.dev = None
         if cfg.demos_auto:
             self.task, self.train, self.dev = self._choose_demos(existing)
         else:
-            self.train = encode("train")
-        if self.dev is None:
-            self.dev = encode("dev")
+            self.train, self.dev = encode("train"), encode("dev")
         self.y_train = np.array([e.label for e in self.task.train])
         self.train_batches = [
             (self.backend.encode([self.task.train[i] for i in idx], self.task.template, self.task.label_words),
@@ -232,16 +229,17 @@ class Session:
 
     def _choose_demos(self, existing):
         """``--demos auto``: the template (with or without demonstrations) under which P0's loss is lower, and
-        the training set (and dev, if the rule scored it) encoded under it. A resumed study reads the choice it
-        stored; a new one scores both (a call per template and split, kept for the first generation to store:
-        seconds and tokens count as the study's, not against --budget)."""
+        its training and dev sets encoded under it. A resumed study reads the choice it stored; a new one scores
+        both (a call per template and split, kept for the first generation to store: seconds and tokens count
+        as the study's, not against --budget)."""
         from bbpt import demos_choice
 
         cfg = self.config
+        encode = lambda t, split: self.backend.encode(t.split(split), t.template, t.label_words)
         stored = demos_choice.stored_choice(self.storage.evaluations(existing.id)) if existing else None
         if stored is not None:
             task = demos_choice.candidates(self.task, cfg.seed)[(0, demos_choice.AUTO_DEMOS).index(stored)]
-            return task, self.backend.encode(task.train, task.template, task.label_words), None
+            return task, encode(task, "train"), encode(task, "dev")
         cands = demos_choice.score_candidates(self.backend, self.space, self.task, cfg.seed, cfg.loss,
                                               cfg.calibration, cfg.demos)
         chosen = demos_choice.pick(cands)
@@ -253,7 +251,8 @@ class Session:
         log.info("--demos %s: P0's loss on %s %s; starting from %d demonstration(s) per class", cfg.demos,
                  " and ".join(demos_choice.RULES[cfg.demos]),
                  ", ".join(f"{c.metrics['loss']:.4f} with {c.demos}" for c in cands), chosen.demos)
-        return chosen.task, chosen.train, chosen.dev
+        dev = chosen.dev if chosen.dev is not None else encode(chosen.task, "dev")     # auto:train scores no dev
+        return chosen.task, chosen.train, dev
 
     def _check_resumable(self, ck) -> None:
         """Compaction drops a complete study's optimizer state; its budget can then no longer grow."""
