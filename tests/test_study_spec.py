@@ -5,6 +5,7 @@ mistakes exit 2 naming the key."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -140,7 +141,8 @@ def test_report_has_a_row_per_arm_and_is_rebuilt_identically(finished, capsys):
     assert main(["-q", "study", "report", str(finished.spec)]) == 0
     md = finished.spec.parent / "results" / "tiny.md"
     text = md.read_text()
-    table = [ln for ln in text.splitlines() if ln.startswith("| ") and ln.split(" | ")[0][2:] in ARMS]
+    # the task's table: its arms' rows come first (the tables against the reference arm follow)
+    table = [ln for ln in text.splitlines() if ln.startswith("| ") and ln.split(" | ")[0][2:] in ARMS][:len(ARMS)]
     assert [ln.split(" | ")[0][2:] for ln in table] == list(ARMS)
     for ln in table:
         cols = ln.strip("| ").split(" | ")
@@ -150,6 +152,12 @@ def test_report_has_a_row_per_arm_and_is_rebuilt_identically(finished, capsys):
                                               "WHERE name LIKE 'tiny/sst2/manual/%' ORDER BY name")]
     assert table[0].split(" | ")[4].startswith(f"{100 * np.mean(tests):.1f} ± ")
     assert "calls to reach dev" in text and "(bp)" in text
+    # Against the reference arm seed by seed: cma's test minus bp's on each seed, and its seconds over bp's.
+    sums = {n: json.loads(s) for n, s in rows(finished.url, "SELECT name, summary FROM studies")}
+    pairs = [(sums[f"tiny/sst2/cma/seed{k}"], sums[f"tiny/sst2/bp/seed{k}"]) for k in (0, 1)]
+    gap = 100 * np.mean([a["test"] - b["test"] for a, b in pairs])
+    ratio = np.mean([a["seconds"] / b["seconds"] for a, b in pairs])
+    assert f"| cma | {gap:+.1f} (2; {ratio:.2f}x) | {gap:+.1f} |" in text
     # The ties line counts the tuned studies (here cma and bp, two seeds each) by their stored dev scores.
     storage = Storage(finished.url)
     tuned = [gather(storage, n) for n in STUDIES if ARMS[n.split("/")[2]]]
@@ -279,14 +287,24 @@ def test_compact_keeps_the_report_and_refuses_to_extend(finished, tiny_model_dir
     before, size = md.read_text(), Path(url.split("///", 1)[1]).stat().st_size
 
     capsys.readouterr()
+    # prompts checked on dev that test never scored and that are not the checkpoint's best on train (a trial is
+    # counted once per dev check)
+    dev_only = ("FROM trials t JOIN evaluations e ON t.study_id = e.study_id AND t.number = e.trial_number "
+                "WHERE e.split = 'dev' AND NOT EXISTS (SELECT 1 FROM evaluations x WHERE x.study_id = t.study_id "
+                "AND x.trial_number = t.number AND x.split = 'test') AND t.number NOT IN (SELECT c.best_trial "
+                "FROM checkpoints c WHERE c.study_id = t.study_id AND c.best_trial IS NOT NULL)")
+    dev_before = rows(url, f"SELECT COUNT(*) {dev_only}")[0][0]
     assert main(["studies", "compact", "--storage", url]) == 0
     assert "dropped the optimizer state of 4 complete studies" in capsys.readouterr().out   # bp and cma × 2
     assert rows(url, "SELECT COUNT(*) FROM checkpoints WHERE length(optimizer_state) > 0") == [(0,)]
-    # Unscored trials lose their parameters, keep their results; every prompt scored on dev keeps its z.
+    # Trials lose their parameters but keep their results; every prompt scored on test keeps its z (export and
+    # the test curve read it), a prompt scored on dev alone does not (nothing reads it once a study is complete).
     assert rows(url, "SELECT COUNT(*) FROM trials WHERE length(z) = 0")[0][0] > 0
     assert rows(url, "SELECT COUNT(*) FROM trials WHERE loss IS NULL") == [(0,)]
     assert rows(url, "SELECT COUNT(*) FROM evaluations e JOIN trials t ON t.study_id = e.study_id "
-                     "AND t.number = e.trial_number WHERE length(t.z) = 0") == [(0,)]
+                     "AND t.number = e.trial_number WHERE e.split = 'test' AND length(t.z) = 0") == [(0,)]
+    assert dev_before > 0, "the finished studies should check on dev some prompts that test never scores"
+    assert rows(url, f"SELECT COUNT(*) {dev_only} AND length(t.z) > 0") == [(0,)]
     assert Path(url.split("///", 1)[1]).stat().st_size <= size
     assert main(["-q", "study", "report", str(spec)]) == 0
     assert md.read_text() == before             # reports read trials, evaluations and summaries only

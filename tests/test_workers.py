@@ -101,11 +101,18 @@ def stored(url: str, prefix: str) -> dict:
 
 
 def timeless(report: str) -> str:
-    """A report less where and when it ran: paths, dates, machine, total time and the seconds column."""
-    out, seconds_col = [], None
+    """A report less where and when it ran: paths, dates, machine, total time, the seconds column, the seconds
+    ratios against the reference arm, and the table read at a multiple of the reference's seconds (which
+    prompt a search had selected by then depends on how fast it ran)."""
+    out, seconds_col, at_seconds = [], None, False
     for line in report.splitlines():
         if line.startswith(("- reproduce:", "- spec:", "- studies:", "- machine:", "- total time:")):
             continue
+        at_seconds = line.startswith("The same, for the prompt dev had selected") or (
+            at_seconds and not line.startswith("## "))
+        if at_seconds:
+            continue
+        line = re.sub(r"; \d+\.\d+x\)", "; t)", line)
         if line.startswith("|"):
             cells = line.split("|")
             names = [c.strip() for c in cells]

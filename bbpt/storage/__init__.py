@@ -284,16 +284,20 @@ class Storage:
         emptied.
 
         Two things are dropped, both only needed to *continue* a search: the optimizer state (a CMA-ES
-        covariance at d = 500 is ~4 MB) and the parameter vector z of every trial that no evaluation and no
-        checkpoint points at (2 kB a trial at d = 500, a 23 kB matrix for backprop on P). Each trial keeps its
-        loss, metrics, calls, tokens and seconds; the trials that were scored on dev (the selected prompt among
-        them) keep z. This is what makes a results database small enough to commit beside its report."""
+        covariance at d = 500 is ~4 MB) and the parameter vector z of every trial that no test evaluation and no
+        checkpoint points at (2 kB a trial at d = 500, a 23 kB matrix for backprop on P, ~0.7 MB for a deep or
+        prefix prompt on every layer). Each trial keeps its loss, metrics, calls, tokens and seconds. Once a
+        study is complete only the prompts scored on test are read again (the selected one by export, eval and
+        the prompt file; the test curve's by reports), so those keep z; a prompt scored on dev alone does not,
+        since a backprop study checks dev often and deep prompts made those vectors most of the file. This is
+        what makes a results database small enough to commit beside its report."""
         with self._write() as s:
             done = select(StudyRow.id).where(StudyRow.state == "complete")
             n = s.execute(update(CheckpointRow).where(CheckpointRow.study_id.in_(done),
                                                       func.length(CheckpointRow.optimizer_state) > 0)
                           .values(optimizer_state=b"")).rowcount
             scored = select(EvaluationRow.trial_number).where(EvaluationRow.study_id == TrialRow.study_id,
+                                                               EvaluationRow.split == "test",
                                                                EvaluationRow.trial_number.is_not(None))
             kept = select(CheckpointRow.best_trial).where(CheckpointRow.study_id == TrialRow.study_id,
                                                           CheckpointRow.best_trial.is_not(None))

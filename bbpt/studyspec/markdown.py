@@ -44,6 +44,8 @@ def write_report(spec: StudySpec, *, storage_url: str | None = None, out: str | 
         lines += _task_section(spec, task, cells, out)
     if len(spec.tasks) > 1:
         lines += _overview(spec, cells)
+    if spec.reference:
+        lines += _paired(spec, cells)
     lines += ["## Arms", ""] + [f"- `{a.name}`: {_describe(spec, a)}" for a in spec.arms] + ["", LEGEND, ""]
     reading = out.parent / f"{spec.name}.reading.md"
     lines += ["## Reading", ""]
@@ -258,6 +260,67 @@ def _overview(spec: StudySpec, cells) -> list[str]:
         row.append(f"{100 * np.mean(means):.1f}" if len(means) == len(spec.tasks) else "-")
         lines.append("| " + " | ".join(row) + " |")
     return lines + [""]
+
+
+# The time a searching arm is compared at, in multiples of the reference arm's search seconds on the same task
+# and seed: the black-box goal of issue 16 ("within 3 points of backprop in 2x its wall time").
+TIME_CAP = 2.0
+
+
+def _paired(spec: StudySpec, cells) -> list[str]:
+    """Each tuned arm against the reference arm on the same task and seed. The overview's means can mix seeds
+    (an arm with seed 0 only beside a reference with three); these tables compare like with like: the test
+    difference at the arm's whole budget with its seconds over the reference's, and the test difference of the
+    prompt dev had selected once the arm had spent TIME_CAP x the reference's seconds (read off the test
+    curve, so only for arms that score one), however its budget was sized."""
+    ref = spec.reference
+    head = ["| arm | " + " | ".join(spec.tasks) + " | mean |", "|" + "---|" * (len(spec.tasks) + 2)]
+    whole, capped = [], []
+    for arm in (a for a in spec.arms if a.tuned and a.name != ref):
+        by_task = []
+        for task in spec.tasks:
+            base = {s["seed"]: s for _, s in cells.get((task, ref), [])}
+            by_task.append([(r, s, base[s["seed"]]) for r, s in cells.get((task, arm.name), []) if s["seed"] in base])
+        whole.append(_gap_row(arm.name, [[(s["test"], b["test"], s["seconds"] / b["seconds"]) for _, s, b in p]
+                                         for p in by_task]))
+        at_cap = [[(_test_by(r, TIME_CAP * b["seconds"]), b["test"], None) for r, _, b in p] for p in by_task]
+        at_cap = [p if all(t is not None for t, *_ in p) else [] for p in at_cap]   # a task without a curve: "-"
+        if any(at_cap):
+            capped.append(_gap_row(arm.name, at_cap))
+    lines = [f"## Against `{ref}`, seed by seed", "",
+             f"Test points over `{ref}` on the same task and seed, the mean over the seeds both arms completed "
+             f"(how many), with the arm's search seconds over `{ref}`'s; the last column averages the tasks only "
+             "when every task has a pair.", ""] + head + whole + [""]
+    if capped:
+        lines += [f"The same, for the prompt dev had selected when the arm had spent {TIME_CAP:g}x `{ref}`'s "
+                  "search seconds on that seed (read off the test curve; where the arm finished sooner, its "
+                  "selected prompt):", ""] + head + capped + [""]
+    return lines
+
+
+def _gap_row(arm: str, by_task: list[list[tuple]]) -> str:
+    """A table row from each task's (arm's test, reference's test, seconds ratio or None) per paired seed."""
+    cells, gaps = [arm], []
+    for got in by_task:
+        if not got:
+            cells.append("-")
+            continue
+        gaps.append(100 * float(np.mean([a - b for a, b, _ in got])))
+        ratio = "" if got[0][2] is None else f"; {np.mean([r for *_, r in got]):.2f}x"
+        cells.append(f"{gaps[-1]:+.1f} ({len(got)}{ratio})")
+    cells.append(f"{np.mean(gaps):+.1f}" if len(gaps) == len(by_task) else "-")
+    return "| " + " | ".join(cells) + " |"
+
+
+def _test_by(r: StudyReport, seconds: float) -> float | None:
+    """Test score of the prompt dev had selected by ``seconds`` of search (None: no test curve, or nothing
+    selected yet)."""
+    if not len(r.test_seconds):
+        return None
+    if r.seconds[-1] <= seconds:         # the whole search fit: its selected prompt
+        return r.test
+    i = int(np.searchsorted(r.test_seconds, seconds, side="right")) - 1
+    return float(r.test_scores[i]) if i >= 0 else None
 
 
 def _shots(cfg) -> str:
