@@ -371,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     for action, helptext in (("list", "one line per study"), ("show", "config, progress and results of one"),
                              ("delete", "remove a study and all its trials"),
                              ("compact", "shrink complete studies to what reports and exports read (drops "
-                                         "optimizer state and unscored trials' parameters): before committing "
-                                         "results")):
+                                         "optimizer state and the parameters of every trial but the selected "
+                                         "one): before committing results")):
         sp = ssub.add_parser(action, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         if action in ("show", "delete"):
             sp.add_argument("name")

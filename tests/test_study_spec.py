@@ -287,24 +287,25 @@ def test_compact_keeps_the_report_and_refuses_to_extend(finished, tiny_model_dir
     before, size = md.read_text(), Path(url.split("///", 1)[1]).stat().st_size
 
     capsys.readouterr()
-    # prompts checked on dev that test never scored and that are not the checkpoint's best on train (a trial is
-    # counted once per dev check)
-    dev_only = ("FROM trials t JOIN evaluations e ON t.study_id = e.study_id AND t.number = e.trial_number "
-                "WHERE e.split = 'dev' AND NOT EXISTS (SELECT 1 FROM evaluations x WHERE x.study_id = t.study_id "
-                "AND x.trial_number = t.number AND x.split = 'test') AND t.number NOT IN (SELECT c.best_trial "
-                "FROM checkpoints c WHERE c.study_id = t.study_id AND c.best_trial IS NOT NULL)")
-    dev_before = rows(url, f"SELECT COUNT(*) {dev_only}")[0][0]
+    # prompts checked on dev or test that are neither the selected one nor the checkpoint's best on train
+    other = ("FROM trials t WHERE EXISTS (SELECT 1 FROM evaluations e WHERE e.study_id = t.study_id AND "
+             "e.trial_number = t.number) AND t.number IS NOT (SELECT json_extract(summary, '$.selected_trial') "
+             "FROM studies WHERE id = t.study_id) AND t.number NOT IN (SELECT c.best_trial FROM checkpoints c "
+             "WHERE c.study_id = t.study_id AND c.best_trial IS NOT NULL)")
+    others = rows(url, f"SELECT COUNT(*) {other}")[0][0]
     assert main(["studies", "compact", "--storage", url]) == 0
     assert "dropped the optimizer state of 4 complete studies" in capsys.readouterr().out   # bp and cma × 2
     assert rows(url, "SELECT COUNT(*) FROM checkpoints WHERE length(optimizer_state) > 0") == [(0,)]
-    # Trials lose their parameters but keep their results; every prompt scored on test keeps its z (export and
-    # the test curve read it), a prompt scored on dev alone does not (nothing reads it once a study is complete).
+    # Trials lose their parameters but keep their results and evaluations; the selected prompt keeps its z
+    # (export and eval read it), every other scored prompt loses it (reports read scores only).
     assert rows(url, "SELECT COUNT(*) FROM trials WHERE length(z) = 0")[0][0] > 0
     assert rows(url, "SELECT COUNT(*) FROM trials WHERE loss IS NULL") == [(0,)]
-    assert rows(url, "SELECT COUNT(*) FROM evaluations e JOIN trials t ON t.study_id = e.study_id "
-                     "AND t.number = e.trial_number WHERE e.split = 'test' AND length(t.z) = 0") == [(0,)]
-    assert dev_before > 0, "the finished studies should check on dev some prompts that test never scores"
-    assert rows(url, f"SELECT COUNT(*) {dev_only} AND length(t.z) > 0") == [(0,)]
+    assert rows(url, "SELECT COUNT(*) FROM studies s JOIN trials t ON t.study_id = s.id AND t.number = "
+                     "json_extract(s.summary, '$.selected_trial') WHERE length(t.z) = 0") == [(0,)]
+    assert rows(url, "SELECT COUNT(*) FROM studies s JOIN trials t ON t.study_id = s.id AND t.number = "
+                     "json_extract(s.summary, '$.selected_trial')")[0][0] > 0
+    assert others > 0, "the finished studies should score some prompts besides the one they select"
+    assert rows(url, f"SELECT COUNT(*) {other} AND length(t.z) > 0") == [(0,)]
     assert Path(url.split("///", 1)[1]).stat().st_size <= size
     assert main(["-q", "study", "report", str(spec)]) == 0
     assert md.read_text() == before             # reports read trials, evaluations and summaries only

@@ -284,26 +284,30 @@ class Storage:
         emptied.
 
         Two things are dropped, both only needed to *continue* a search: the optimizer state (a CMA-ES
-        covariance at d = 500 is ~4 MB) and the parameter vector z of every trial that no test evaluation and no
-        checkpoint points at (2 kB a trial at d = 500, a 23 kB matrix for backprop on P, ~0.7 MB for a deep or
-        prefix prompt on every layer). Each trial keeps its loss, metrics, calls, tokens and seconds. Once a
-        study is complete only the prompts scored on test are read again (the selected one by export, eval and
-        the prompt file; the test curve's by reports), so those keep z; a prompt scored on dev alone does not,
-        since a backprop study checks dev often and deep prompts made those vectors most of the file. This is
-        what makes a results database small enough to commit beside its report."""
+        covariance at d = 500 is ~4 MB) and the parameter vector z of every trial but the selected prompt and
+        the checkpoint's best (2 kB a trial at d = 500, a 23 kB matrix for backprop on P, ~0.7 MB for a deep
+        prompt on SmolLM2's 30 layers). Each trial keeps its loss, metrics, calls, tokens and seconds, and every
+        evaluation stays. Once a study is complete, z is read only for the prompt it selected (export, eval,
+        the prompt file): reports read scores, and the test curve was scored when the study finished. Deep and
+        prefix prompts made the vectors of dev-checked and test-curve prompts most of a results file. A study
+        whose summary does not name its selected trial keeps z for every prompt scored on test. This is what
+        makes a results database small enough to commit beside its report."""
         with self._write() as s:
-            done = select(StudyRow.id).where(StudyRow.state == "complete")
-            n = s.execute(update(CheckpointRow).where(CheckpointRow.study_id.in_(done),
-                                                      func.length(CheckpointRow.optimizer_state) > 0)
-                          .values(optimizer_state=b"")).rowcount
-            scored = select(EvaluationRow.trial_number).where(EvaluationRow.study_id == TrialRow.study_id,
-                                                               EvaluationRow.split == "test",
-                                                               EvaluationRow.trial_number.is_not(None))
-            kept = select(CheckpointRow.best_trial).where(CheckpointRow.study_id == TrialRow.study_id,
-                                                          CheckpointRow.best_trial.is_not(None))
-            k = s.execute(update(TrialRow).where(TrialRow.study_id.in_(done), func.length(TrialRow.z) > 0,
-                                                 TrialRow.number.not_in(scored), TrialRow.number.not_in(kept))
-                          .values(z=b"")).rowcount
+            n = s.execute(update(CheckpointRow).where(
+                CheckpointRow.study_id.in_(select(StudyRow.id).where(StudyRow.state == "complete")),
+                func.length(CheckpointRow.optimizer_state) > 0).values(optimizer_state=b"")).rowcount
+            k = 0
+            done = s.execute(select(StudyRow.id, StudyRow.summary).where(StudyRow.state == "complete")).all()
+            for sid, summary in done:
+                keep = set(s.scalars(select(CheckpointRow.best_trial).where(CheckpointRow.study_id == sid)))
+                if (summary or {}).get("selected_trial") is not None:
+                    keep.add(summary["selected_trial"])
+                else:
+                    keep |= set(s.scalars(select(EvaluationRow.trial_number).where(
+                        EvaluationRow.study_id == sid, EvaluationRow.split == "test")))
+                k += s.execute(update(TrialRow).where(TrialRow.study_id == sid, func.length(TrialRow.z) > 0,
+                                                      TrialRow.number.not_in(keep - {None}))
+                               .values(z=b"")).rowcount
         if self.url.startswith("sqlite"):       # SQLite keeps freed pages in the file until VACUUM
             with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
                 c.exec_driver_sql("VACUUM")
