@@ -199,12 +199,11 @@ class Session:
         self.site = self.backend.prompt_site() if cfg.depth != "input" else None
         check_schedule(cfg, self.site)
         self.space = make_prompt_space(cfg, self.task, self.init, self.info, self.site)
-        encode = lambda split: self.backend.encode(self.task.split(split), self.task.template, self.task.label_words)
         self.start_evals, self.start_seconds = [], 0.0     # stored with the first generation
         if cfg.demos_auto:
             self.task, self.train, self.dev = self._choose_demos(existing)
         else:
-            self.train, self.dev = encode("train"), encode("dev")
+            self.train, self.dev = self._encode(self.task, "train"), self._encode(self.task, "dev")
         self.y_train = np.array([e.label for e in self.task.train])
         self.train_batches = [
             (self.backend.encode([self.task.train[i] for i in idx], self.task.template, self.task.label_words),
@@ -235,11 +234,10 @@ class Session:
         from bbpt import demos_choice
 
         cfg = self.config
-        encode = lambda t, split: self.backend.encode(t.split(split), t.template, t.label_words)
         stored = demos_choice.stored_choice(self.storage.evaluations(existing.id)) if existing else None
         if stored is not None:
             task = demos_choice.candidates(self.task, cfg.seed)[(0, demos_choice.AUTO_DEMOS).index(stored)]
-            return task, encode(task, "train"), encode(task, "dev")
+            return task, self._encode(task, "train"), self._encode(task, "dev")
         cands = demos_choice.score_candidates(self.backend, self.space, self.task, cfg.seed, cfg.loss,
                                               cfg.calibration, cfg.demos)
         chosen = demos_choice.pick(cands)
@@ -251,8 +249,12 @@ class Session:
         log.info("--demos %s: P0's loss on %s %s; starting from %d demonstration(s) per class", cfg.demos,
                  " and ".join(demos_choice.RULES[cfg.demos]),
                  ", ".join(f"{c.metrics['loss']:.4f} with {c.demos}" for c in cands), chosen.demos)
-        dev = chosen.dev if chosen.dev is not None else encode(chosen.task, "dev")     # auto:train scores no dev
+        dev = chosen.dev if chosen.dev is not None else self._encode(chosen.task, "dev")     # auto:train scores no dev
         return chosen.task, chosen.train, dev
+
+    def _encode(self, task, split: str):
+        """A split of ``task`` encoded under its own template (with or without demonstrations)."""
+        return self.backend.encode(task.split(split), task.template, task.label_words)
 
     def _check_resumable(self, ck) -> None:
         """Compaction drops a complete study's optimizer state; its budget can then no longer grow."""
@@ -394,7 +396,7 @@ class Session:
 
     def _encode_test(self):
         if not hasattr(self, "_test"):
-            self._test = self.backend.encode(self.task.test, self.task.template, self.task.label_words)
+            self._test = self._encode(self.task, "test")
         return self._test
 
     def _spending(self, loop) -> dict:
