@@ -13,6 +13,9 @@ every call ran every example's demonstrations again. Modes, each on the training
   sequences every call, the reference path);
 - **uncached** — with ``--uncached`` only: whole sequences every call, whatever fits.
 
+*manual s* times the manual baseline (no prompt) on the same test examples: since 2026-12-05 it reuses the kept
+head like a prompt does (before, it always ran whole sequences); ``uncached`` mode shows the old cost.
+
 The checksum column (the sum of the training batch's log-probs) shows every mode scores the same.
 
     python benchmarks/demos.py --json > benchmarks/results/demos-2cpu-DATE.json
@@ -67,12 +70,17 @@ def main() -> None:
                 t0 = time.perf_counter()
                 backend.score(d[:1], test)
                 test_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                manual = backend.score(None, test).logprobs      # the manual baseline: no prompt at all
+                manual_s = time.perf_counter() - t0
                 h = hf.common_head(train.before)
                 rows.append(dict(task=name, mode=mode, examples=train.n, shared_head_tokens=h,
                                  mean_before_tokens=round(float(np.mean([len(b) for b in train.before])), 1),
                                  first_call_s=round(first, 2), seconds_per_call=round(per_call, 3),
                                  kept_train_mb=round(kept_mb, 1), test_examples=test.n,
-                                 test_scoring_s=round(test_s, 2), train_logprob_checksum=round(float(ref.sum()), 2)))
+                                 test_scoring_s=round(test_s, 2), manual_test_s=round(manual_s, 2),
+                                 train_logprob_checksum=round(float(ref.sum()), 2),
+                                 manual_test_checksum=round(float(manual.sum()), 2)))
             finally:
                 hf.SHARED_HEAD_MIN = default_min
             del backend

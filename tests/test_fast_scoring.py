@@ -327,3 +327,28 @@ def test_a_deep_prompt_after_demonstrations_scores_cached_as_uncached(backend):
     batch = b.encode(examples(), Template(DEMOS), LABELS)
     np.testing.assert_allclose(b.score(d, batch).logprobs, ref, atol=1e-4)
     assert batch.kv.tail is None
+
+
+def test_no_prompt_after_demonstrations_reuses_the_kept_head_and_scores_as_uncached(backend):
+    # The manual baseline (no prompt) of a study with --demos: scored uncached, each example ran the whole run
+    # of demonstrations again (DBpedia's test set, ~1,650 tokens an example, was most of such a study's wall time).
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    batch = b.encode(examples(), Template(DEMOS), LABELS)
+    h = hf.common_head(batch.before)
+    ref = uncached(b, None, batch)
+    b.score(deltas(b), b.encode(examples()[:1], Template(DEMOS), LABELS))      # learns a token's bytes
+    b.kv_cache_bytes = (h + 2) * b._kv_token_bytes                         # the head, not the examples' own
+    np.testing.assert_allclose(b.score(None, batch).logprobs, ref, atol=1e-4)
+    assert batch.kv.tail is None
+    before = dict(b.stats)
+    result = b.score(None, batch)
+    own = sum(len(x) - h + len(a) for x, a in zip(batch.before, batch.after))
+    assert b.stats["computed_tokens"] - before["computed_tokens"] == own
+    assert result.tokens == sum(len(x) + len(a) for x, a in zip(batch.before, batch.after))   # billed whole
+    b.kv_cache_bytes = 10**10                                             # whole rows: only the text after
+    batch = b.encode(examples(), Template(DEMOS), LABELS)
+    np.testing.assert_allclose(b.score(None, batch).logprobs, ref, atol=1e-4)
+    before = dict(b.stats)
+    b.score(None, batch)
+    assert b.stats["computed_tokens"] - before["computed_tokens"] == sum(len(a) for a in batch.after)
