@@ -171,6 +171,68 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, 
     return logprobs, KV(keys, values, mask, mask.sum(-1))
 
 
+def forward_slots(model, rows: list[list], past: KV) -> "torch.Tensor":
+    """Log-probs ``[B, K, V]`` at the last token of each segment, where row b of the batch holds up to K segments
+    (each ``[len, D]`` embeddings) that all continue row b of ``past``, each as if it ran alone after it.
+
+    The segments of a row share one copy of its past: a batch of one row per segment copies the past once per
+    segment when the cache joins it to the new keys, and grouped-query attention repeats it per query head
+    (with 20 candidates after one example's text, or many examples after shared demonstrations, those copies
+    cost more than the new tokens). Each segment sits left-padded in its own slot of the row (slots as wide as
+    the longest segment, so every row's segment ends share positions and one ``logits_to_keep`` reads them);
+    a 4D mask lets a segment see its row's past and itself, causally, and nothing of the other segments; its
+    position ids continue from the past's length. Padding sees only itself, so no softmax row is empty.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    first = next(s for r in rows for s in r)
+    dev, dtype = first.device, first.dtype
+    b, k = len(rows), max(len(r) for r in rows)
+    width = max(int(s.shape[0]) for r in rows for s in r)
+    n = k * width
+    x = first.new_zeros(b, n, first.shape[1])
+    real = torch.zeros(b, n, dtype=torch.bool, device=dev)
+    positions = torch.zeros(b, n, dtype=torch.long, device=dev)
+    for i, row in enumerate(rows):
+        for j, seg in enumerate(row):
+            lo, hi = j * width + width - int(seg.shape[0]), (j + 1) * width
+            x[i, lo:hi] = seg
+            real[i, lo:hi] = True
+            positions[i, lo:hi] = past.lengths[i] + torch.arange(hi - lo, device=dev)
+    col = torch.arange(n, device=dev)
+    slot = col // width
+    own = (slot[:, None] == slot[None, :]) & (col[None, :] <= col[:, None])         # [n, n], causal in a slot
+    sees_new = (own[None] & real[:, None, :]) | torch.eye(n, dtype=torch.bool, device=dev)[None]
+    sees_past = past.mask.bool()[:, None, :] & real[:, :, None]                      # [b, n, P]
+    allowed = torch.cat([sees_past, sees_new], dim=-1)[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, torch.finfo(dtype).min)
+    cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)), config=model.config)
+    ends = torch.arange(k, device=dev) * width + width - 1
+    out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
+                use_cache=True, logits_to_keep=ends)
+    return torch.log_softmax(out.logits.float(), dim=-1)
+
+
+def slots_work(model, width: int, dtype, device) -> str:
+    """Does :func:`forward_slots` give the scores of each segment run alone after its past? Empty when it does,
+    else why not (a model whose forward ignores a custom 4D mask or a tensor ``logits_to_keep``): checked once per
+    backend on random embeddings, like :func:`reuse_works`; a model that fails it is scored a row per segment."""
+    import torch
+
+    try:
+        g = torch.Generator(device="cpu").manual_seed(1)
+        x = (torch.randn(9, width, generator=g) * 0.02).to(device=device, dtype=dtype)
+        _, kv = forward_last(model, [x[:3]], keep=True)
+        got = forward_slots(model, [[x[3:5], x[5:9]]], kv)[0]
+        ref = torch.cat([forward_last(model, [s], past=kv)[0] for s in (x[3:5], x[5:9])])
+        tol = 1e-3 if dtype == torch.float32 else 5e-2
+        diff = float((got - ref).abs().max())
+        return "" if diff <= tol else f"packed and separate scores differ by {diff:.2e}"
+    except Exception as e:      # noqa: BLE001 - any failure means the plain path
+        return f"{type(e).__name__}: {e}"
+
+
 def target_logprobs(logits, targets: list):
     """Each row's summed log-prob of its target ``[B, 1]``, from the logits of its last ``max len + 1``
     positions ``[B, K, V]`` (row i's target is its last ``len(targets[i])`` tokens, so the positions before

@@ -352,3 +352,40 @@ def test_no_prompt_after_demonstrations_reuses_the_kept_head_and_scores_as_uncac
     before = dict(b.stats)
     b.score(None, batch)
     assert b.stats["computed_tokens"] - before["computed_tokens"] == sum(len(a) for a in batch.after)
+
+
+@pytest.mark.parametrize("kept", ["whole rows", "head and tails", "head alone"])
+def test_candidates_sharing_a_past_run_packed_in_one_row_with_the_scores_of_a_row_each(backend, kept):
+    # forward_slots: a row per example holding all its candidates (or, after a shared head alone, many
+    # examples' segments in one row), each segment masked from the others, positions continuing its past.
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    first = b.encode(examples()[:1], Template(DEMOS), LABELS)
+    b.score(deltas(b), first)                                              # learns a token's bytes
+    batch = b.encode(examples(), Template(DEMOS), LABELS)
+    h, width = hf.common_head(batch.before), max(len(x) for x in batch.before)
+    b.kv_cache_bytes = {"whole rows": 10**10, "head and tails": len(TEXTS) * width * b._kv_token_bytes - 1,
+                        "head alone": (h + 2) * b._kv_token_bytes}[kept]
+    d = deltas(b, pop=5)
+    b.pack = False
+    ref = b.score(d, batch).logprobs
+    rows_each = b.stats["forwards"]
+    b.pack = True
+    before = dict(b.stats)
+    got = b.score(d, batch).logprobs
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    np.testing.assert_allclose(got, uncached(b, d, batch), atol=1e-4)
+    assert b._slots_checked == ""
+    assert b.stats["forwards"] - before["forwards"] <= rows_each
+
+
+def test_a_model_that_cannot_score_packed_segments_scores_a_row_each(backend, monkeypatch, caplog):
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    batch = b.encode(examples(), Template(TEMPLATES["infix"]), LABELS)
+    d = deltas(b)
+    monkeypatch.setattr(hf, "slots_work", lambda *a: "packed and separate scores differ by 1.00e+00")
+    with caplog.at_level(logging.WARNING, logger="adapters.hf"):
+        got = b.score(d, batch).logprobs
+    assert "cannot score packed segments" in caplog.text and b._slots_checked
+    np.testing.assert_allclose(got, uncached(b, d, batch), atol=1e-4)
