@@ -112,6 +112,9 @@ def _cpu_has_fast(dtype) -> bool:
 # the README was measured with; a GPU is mostly idle in a SmolLM2 forward of 2,048 tokens (kernel launches
 # dominate), so it takes 8x the tokens, and it has the memory to keep every task's encoded inputs.
 DEVICE_LIMITS = {"cpu": (2048, 1024.0), "cuda": (16384, 8192.0)}
+# One packed row's new tokens at most (forward_slots): its mask and attention weights grow with the row's
+# length squared, and a GPU's token budget (16,384) in one row would need ~10 GB of attention weights.
+PACKED_ROW = 2048
 MIN_BATCH_TOKENS = 256      # below this a forward is mostly overhead: out of memory there is the device's fault
 
 
@@ -637,7 +640,8 @@ class HFBackend:
         shared = isinstance(kv, SharedKV) and kv.tail is None
         if shared:          # one past for every pair (the demonstrations' head): a row of many pairs after it
             pairs = sorted(((c, j) for j in range(batch.n) for c in range(pop)), key=lambda p: new_lens[p[1]])
-            forwards = [[pairs[lo:hi]] for lo, hi in self._chunks([new_lens[j] for _, j in pairs])]
+            lens = [new_lens[j] for _, j in pairs]
+            forwards = [[pairs[lo:hi]] for lo, hi in plan_chunks(lens, min(self.max_batch_tokens, PACKED_ROW))]
         else:               # a past per example: a row per example holds its candidates, k at a time
             k = min(pop, max(1, self.max_batch_tokens // max(new_lens)))
             order = sorted(range(batch.n), key=lambda j: (new_lens[j], past_lens[j]))
