@@ -226,11 +226,19 @@ def slots_work(model, width: int, dtype, device) -> str:
         _, kv = forward_last(model, [x[:3]], keep=True)
         got = forward_slots(model, [[x[3:5], x[5:9]]], kv)[0]
         ref = torch.cat([forward_last(model, [s], past=kv)[0] for s in (x[3:5], x[5:9])])
-        tol = 1e-3 if dtype == torch.float32 else 5e-2
-        diff = float((got - ref).abs().max())
-        return "" if diff <= tol else f"packed and separate scores differ by {diff:.2e}"
+        return _differ(got, ref, dtype, "packed and separate")
     except Exception as e:      # noqa: BLE001 - any failure means the plain path
         return f"{type(e).__name__}: {e}"
+
+
+def _differ(got, ref, dtype, what: str) -> str:
+    """Why two scorings of the same sequences disagree beyond the rounding of the model's ``dtype`` ("" when
+    they agree; the log-probs themselves are always float32)."""
+    import torch
+
+    tol = 1e-3 if dtype == torch.float32 else 5e-2
+    diff = float((got - ref).abs().max())
+    return "" if diff <= tol else f"{what} scores differ by {diff:.2e}"
 
 
 def target_logprobs(logits, targets: list):
@@ -267,8 +275,6 @@ def reuse_works(model, width: int, dtype, device) -> tuple[str, int]:
         whole, _ = forward_last(model, [x])
         _, kv = forward_last(model, [x[:4]], keep=True)
         parts, _ = forward_last(model, [x[4:]], past=kv)
-        tol = 1e-3 if dtype == torch.float32 else 5e-2
-        diff = float((whole - parts).abs().max())
-        return ("" if diff <= tol else f"cached and uncached scores differ by {diff:.2e}"), kv.nbytes // 4
+        return _differ(whole, parts, dtype, "cached and uncached"), kv.nbytes // 4
     except Exception as e:      # e.g. an architecture whose cache cannot be rebuilt from tensors
         return f"{type(e).__name__}: {e}", 0
