@@ -17,8 +17,9 @@ prompt (``benchmarks/scoring.py`` measures each step):
   against them (m tokens fewer per example);
 - **infix** (``{text}`` … ``{prompt}`` cue): each example's text before the prompt is encoded once and its
   keys/values kept with the batch, so a call computes only the prompt and the tokens after it. Kept caches
-  are bounded by ``kv_cache_mb`` over all batches (least recently used dropped first); a batch too large
-  for it, such as a full test set scored once, is scored uncached.
+  are bounded by ``kv_cache_mb`` over all batches (least recently used dropped first). A batch too large
+  for it (a full test set) is scored uncached for one prompt; for several (a study's test curve) its inputs
+  are encoded a group at a time, once for them all, and dropped.
 
 The differentiable path (``logprobs_torch``) always recomputes whole sequences: it is the reference the
 cached paths are tested against, and backprop needs the graph through every token anyway.
@@ -577,7 +578,38 @@ class HFBackend:
         if batch.shared_head:
             return self._prefix_logprobs(prompts, batch, embeds)
         kv = self._kept_kv(batch, embeds)
+        head_only = isinstance(kv, SharedKV) and kv.tail is None
+        if prompts.shape[0] > 1 and (kv is None or head_only):
+            # Too big to keep: a population still encodes each example's own text once (not once per candidate).
+            return self._grouped_logprobs(prompts, batch, embeds, kv.head if head_only else None)
         return None if kv is None else self._infix_logprobs(prompts, batch, embeds, kv)
+
+    def _grouped_logprobs(self, prompts, batch: EncodedBatch, embeds, head: KV | None):
+        """``[pop, n, C]`` for a population on a batch whose keys/values are over the budget to keep (a test set
+        of long inputs, a big training set), whole or after the kept shared ``head``: the examples go in groups
+        whose keys/values fit a quarter of the budget, and each group's text before the prompt (after the head)
+        is encoded once for the whole population and dropped after. Otherwise each example's text would run once
+        per candidate (a study's test curve: once per prompt)."""
+        torch = self.torch
+        h = 0 if head is None else int(head.mask.shape[1])
+        lens = [len(b) - h for b in batch.before]
+        order = sorted(range(batch.n), key=lens.__getitem__)
+        cap, groups = self.kv_cache_bytes // 4, [[]]
+        for j in order:         # ascending lengths: a group's width is its last example's
+            if groups[-1] and (len(groups[-1]) + 1) * lens[j] * self._kv_token_bytes > cap:
+                groups.append([])
+            groups[-1].append(j)
+        parts = []
+        for g in groups:
+            sub = EncodedBatch([batch.before[j] for j in g], [batch.after[j] for j in g], batch.label_ids,
+                               embeds=[embeds[j] for j in g],
+                               targets=None if batch.targets is None else [batch.targets[j] for j in g])
+            own = self._build_kv([embeds[j][0][h:] for j in g], lens[g[-1]], head)
+            parts.append(self._infix_logprobs(prompts, sub, sub.embeds, own if head is None else SharedKV(head, own)))
+        flat = torch.cat(parts, dim=1)
+        out = torch.empty_like(flat)
+        out[:, torch.tensor([j for g in groups for j in g], device=out.device)] = flat
+        return out
 
     def _prefix_logprobs(self, prompts, batch: EncodedBatch, embeds):
         torch = self.torch

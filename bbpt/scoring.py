@@ -140,14 +140,34 @@ def evaluate(backend, prompts, batch, labels, num_classes: int, bias=None, *, fi
     fitted = fitted_bias(res, labels, fit)
     if fitted is not None:
         bias = fitted[0]
-    losses, pred = fitness_at(res, labels, "ce", None if bias is None else np.asarray(bias, np.float64)[None])
-    if pred is None:
-        m = objective.target_metrics(res.logprobs[0], res.target_tokens)
-    else:
-        m = objective.prediction_metrics(pred[0], labels, num_classes)
-    m["loss"] = float(losses[0])
+    m = _split_metrics(res, labels, num_classes, None if bias is None else [bias])[0]
     out = (m, res.tokens, time.perf_counter() - start)
     return (*out, bias) if with_bias else out
+
+
+def evaluate_many(backend, prompts, batch, labels, num_classes: int, biases) -> tuple[list[dict], int]:
+    """:func:`evaluate` for several prompts of one space (``[k, ...]``) in one call, each with its own train-fitted
+    label bias (``biases``: k of them, or None without calibration), so a backend can share work between them
+    (a local infix call encodes each test input once for all k). Returns (metrics per prompt, tokens each)."""
+    res = score_prompts(backend, prompts, batch)
+    return _split_metrics(res, labels, num_classes, biases), res.tokens // len(res.logprobs)
+
+
+def _split_metrics(res, labels, num_classes: int, biases) -> list[dict]:
+    """Each scored prompt's metrics on a split (accuracy and F1, or the target NLL for generation), and loss."""
+    bias = None
+    if biases is not None and any(b is not None for b in biases):     # no bias adds nothing: zeros
+        bias = np.array([np.zeros(res.logprobs.shape[-1]) if b is None else b for b in biases], np.float64)
+    losses, pred = fitness_at(res, labels, "ce", bias)
+    out = []
+    for i, loss in enumerate(losses):
+        if pred is None:
+            m = objective.target_metrics(res.logprobs[i], res.target_tokens)
+        else:
+            m = objective.prediction_metrics(pred[i], labels, num_classes)
+        m["loss"] = float(loss)
+        out.append(m)
+    return out
 
 
 def answer_metrics(backend, prompts, task, split: str, max_new_tokens: int, template=None) -> dict:

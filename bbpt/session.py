@@ -21,7 +21,7 @@ from bbpt.errors import ConfigError, StudyError
 from bbpt.optimizers import OptimizerSettings, check_available, make_optimizer
 from bbpt.prompt import PromptInit, SavedPrompt, TextPrompts, make_space
 from bbpt.objective import bias_list
-from bbpt.scoring import answer_metrics, evaluate, train_bias
+from bbpt.scoring import answer_metrics, evaluate, evaluate_many, train_bias
 from bbpt.storage import Storage
 from bbpt.tasks import Task, load_task
 
@@ -320,15 +320,22 @@ class Session:
             # The answers of the selected prompt only: generating for every dev check would cost more than
             # the check (selection reads the dev NLL).
             self.storage.update_evaluation(sid, sel, "dev", self._answers(delta, "dev"))
-        if (sel, "test") not in done:
-            m, tokens, secs = evaluate(self.backend, delta, self._encode_test(), y_test, self.task.num_classes,
-                                       loop.dev_best_bias)
-            m.update(self._answers(delta, "test"))
-            evals.append(dict(trial_number=sel, split="test", metrics=m, tokens=tokens, calls_at=loop.calls,
-                              seconds_at=loop.seconds, note="selected on dev; scored once"))
-        store.add_evaluations(sid, evals)
+        # Test, once: the selected prompt, and with test_curve every prompt dev selected on the way, in one call
+        # (a local backend then encodes each test input once for all of them).
+        pending = [] if (sel, "test") in done else [
+            (sel, z, loop.dev_best_bias, dict(calls_at=loop.calls, seconds_at=loop.seconds,
+                                              note="selected on dev; scored once"))]
         if cfg.test_curve:
-            self._test_curve(space, done | {(e["trial_number"], e["split"]) for e in evals})
+            pending += [p for p in self._curve_prompts(space, done) if p[0] != sel]
+        if pending:
+            scored, tokens = evaluate_many(self.backend, space.decode(np.stack([p[1] for p in pending])),
+                                           self._encode_test(), y_test, self.task.num_classes,
+                                           [p[2] for p in pending])
+            for (trial, _, _, fields), m in zip(pending, scored):
+                if trial == sel:
+                    m.update(self._answers(delta, "test"))
+                evals.append(dict(trial_number=trial, split="test", metrics=m, tokens=tokens, **fields))
+        store.add_evaluations(sid, evals)
         by = {(e.trial_number, e.split): e.metrics for e in store.evaluations(sid)}
         summary = dict(
             study=self.name, task=self.task.name, model=cfg.model, backend=cfg.backend, optimizer=cfg.optimizer,
@@ -361,16 +368,17 @@ class Session:
         store.update_study(self.name, state="complete", summary=summary)
         return summary
 
-    def _test_curve(self, space, done: set) -> None:
-        """Test scores of every prompt that dev had selected at some point of the search, so a report can say
-        what stopping earlier would have given. Scored after the search, never read by it or by selection."""
+    def _curve_prompts(self, space, done: set) -> list[tuple]:
+        """Every prompt that dev had selected at some point of the search and test has not scored, as (trial, z,
+        bias, where on the curve), so a report can say what stopping earlier would have given. Scored after the
+        search, never read by it or by selection."""
         from bbpt.selection import history
 
         sid = self.study_id
         # P0's own dev score (keep_start) is on the curve: until a trial beats it, it is the study's choice.
         dev = sorted((e for e in self.storage.evaluations(sid) if e.split == "dev" and e.trial_number is not None),
                      key=lambda e: (e.calls_at, e.id))
-        y_test = np.array([e.label for e in self.task.test])
+        out = []
         for e in history(dev, self.metric, self.config.dev_ties):
             if (e.trial_number, "test") in done:
                 continue
@@ -378,12 +386,10 @@ class Session:
                 z, bias = space.initial(), e.metrics.get("bias")
             else:
                 z, bias = self.trial_z(e.trial_number), self.storage.trial(sid, e.trial_number).metrics.get("bias")
-            m, tokens, _ = evaluate(self.backend, space.decode(z[None]), self._encode_test(), y_test,
-                                    self.task.num_classes, bias)
-            self.storage.add_evaluations(sid, [dict(
-                trial_number=e.trial_number, split="test", metrics=m, tokens=tokens, calls_at=e.calls_at,
-                seconds_at=e.seconds_at, note="test curve: the prompt dev had selected by then; reporting only")])
-            done.add((e.trial_number, "test"))
+            out.append((e.trial_number, z, bias, dict(
+                calls_at=e.calls_at, seconds_at=e.seconds_at,
+                note="test curve: the prompt dev had selected by then; reporting only")))
+        return out
 
     def _answers(self, delta, split: str) -> dict:
         """Generation only: BLEU, ROUGE-L (and slot coverage) of the greedy answers of P0 + ``delta`` (None:

@@ -162,9 +162,31 @@ def test_kept_caches_stay_within_the_budget_and_dead_batches_leave(backend):
     assert sum(n for _, n in b._kv_kept.values()) <= b.kv_cache_bytes
     del second
     assert not b._kv_kept
-    b.kv_cache_bytes = 1                                # too big to keep at all: scored uncached, same scores
+    b.kv_cache_bytes = 1                                # too big to keep at all: nothing kept, same scores
     np.testing.assert_allclose(b.score(d, first).logprobs, uncached(b, d, first), atol=1e-4)
-    assert first.kv is None
+    assert first.kv is None and not b._kv_kept
+
+
+@pytest.mark.parametrize("name", ["infix", "infix, pair after the prompt", "infix after demonstrations"])
+def test_a_population_on_a_batch_too_big_to_keep_encodes_each_input_once_and_keeps_no_more(backend, name):
+    b = backend
+    b.set_init(PromptInit("vocab", 3))
+    batch = b.encode(examples(), Template(TEMPLATES[name]), LABELS)
+    b.score(deltas(b, pop=1), batch)                    # learns the bytes a token's keys/values take
+    h = hf.common_head(batch.before) if name == "infix after demonstrations" else 0
+    width = max(len(x) for x in batch.before) - h
+    batch.kv, b._kv_kept = None, type(b._kv_kept)()
+    # Not all six inputs' own keys/values (after the demonstrations' head, which is kept): a group at a time.
+    b.kv_cache_bytes = (h + 5 * width) * b._kv_token_bytes
+    pop, m = 5, 3
+    d = deltas(b, pop=pop, m=m)
+    before = dict(b.stats)
+    got = b.score(d, batch).logprobs
+    computed = b.stats["computed_tokens"] - before["computed_tokens"]
+    # Each input's text before the prompt once (not once per candidate), then the prompt and the text after.
+    assert computed == h + sum(len(x) - h for x in batch.before) + pop * sum(m + len(a) for a in batch.after)
+    assert batch.kv is None if not h else (batch.kv.tail is None and batch.kv.head_len == h)
+    np.testing.assert_allclose(got, uncached(b, d, batch), atol=1e-4)
 
 
 def test_models_whose_cache_cannot_be_reused_are_scored_uncached(backend, monkeypatch, caplog):
@@ -306,9 +328,9 @@ def test_when_only_the_shared_head_fits_each_example_runs_its_own_tokens_after_i
     assert "keeping only the" in caplog.text and batch.kv.tail is None
     np.testing.assert_allclose(got, uncached(b, d, batch), atol=1e-4)
     before = dict(b.stats)
-    b.score(d, batch)
+    b.score(d[:1], batch)           # one prompt (a population encodes each input's own text once for all)
     own = sum(len(x) - h + 3 + len(a) for x, a in zip(batch.before, batch.after))
-    assert b.stats["computed_tokens"] - before["computed_tokens"] == len(d) * own
+    assert b.stats["computed_tokens"] - before["computed_tokens"] == own
 
 
 def test_a_deep_prompt_after_demonstrations_scores_cached_as_uncached(backend):

@@ -59,6 +59,9 @@ def test_a_test_curve_scores_each_prompt_dev_kept_and_changes_nothing_else(tmp_p
                 if e.split == "test" and e.trial_number is not None]
 
     assert len(tests("plain")) == 1 and not len(gather(storage, "plain").test_scores)
+    # The curve's prompts are scored on test in one call with the selected one, which scores as it does alone.
+    plain, both = (storage.require_study(n).summary for n in ("plain", "curve"))
+    assert (plain["selected_trial"], plain["test"]) == (both["selected_trial"], both["test"])
     curve = gather(storage, "curve")
     assert len(tests("curve")) == len(curve.test_scores) > 1, "this seed no longer changes the kept prompt twice"
     # The curve ends at the selected prompt's test score, the one the summary reports.
