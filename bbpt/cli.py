@@ -16,6 +16,7 @@ from bbpt.errors import BbptError
 log = logging.getLogger("bbpt")
 
 EPILOG = """examples:
+  bbpt optimize --task agnews --budget 300           # black-box, the default: gn, demonstrations if they help
   bbpt optimize --task sst2 --optimizer cma --budget 300 --seed 0
   bbpt optimize --task sst2 --optimizer backprop --budget 40
   bbpt optimize --data my.jsonl --template "Review: {text}\\nSentiment:" --labels " negative" " positive"
@@ -273,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init", default="task", help="where P0 starts: task (the task's instruction text), "
                    'labels, vocab (random frequent tokens), zeros, or text:"your words"')
     g.add_argument("--demos", type=_demos, metavar="K|auto", help="write K solved train examples per class before "
-                   "every input, as in-context demonstrations, and tune the prompt from there (default 0; the icl arm "
-                   "of a study spec scores the same text with no prompt). auto: one per class if they lower the "
+                   "every input, as in-context demonstrations, and tune the prompt from there (the icl arm of a study "
+                   "spec scores the same text with no prompt). Default: 0, or auto with the default --optimizer on a "
+                   "classification task. auto: one per class if they lower the "
                    "starting prompt's loss on the training examples not shown and on dev (four calls before the "
                    "search decide; they helped SST-2, DBpedia and SNLI and hurt Yelp); auto:train: on those "
                    "training examples alone (two calls; config version 3's auto). Longer inputs make calls dearer")
@@ -292,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the training texts ranked by association with the labels)")
     g.add_argument("--vocab-size", type=int, default=50, help="--space vocab: candidate words per position")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--optimizer", default="cma", help="cma, backprop, random, or nevergrad:NAME "
-                                                     "(e.g. nevergrad:NGOpt; `bbpt optimizers` lists names)")
+    g.add_argument("--optimizer", help="gn, cma, backprop, random, or nevergrad:NAME (e.g. nevergrad:NGOpt; "
+                   "`bbpt optimizers` lists names). Default: bbpt's black-box recipe, gn (Gauss-Newton on the "
+                   "returned label scores) with --demos auto for a soft prompt on a classification task (nearest "
+                   "backprop in the BBT suite: README), cma otherwise")
     g.add_argument("--budget", type=int, default=300, help="calls: one forward of one candidate over the "
                                                            "training batch (a backprop step is one call)")
     g.add_argument("--popsize", type=int, default=20, help="candidates per generation (black-box)")

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from bbpt.config import StudyConfig
+from bbpt.config import StudyConfig, resolve_recipe
 from bbpt.errors import ConfigError, StudyError
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def _config_from_args(args) -> StudyConfig:
         values["task"] = None
     elif not args.task:
         values["task"] = "sst2"
-    return StudyConfig(**values)
+    return resolve_recipe(StudyConfig(**values))
 
 
 def cmd_optimize(args) -> int:

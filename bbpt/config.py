@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from bbpt.errors import ConfigError
 
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 # What a key added since version 1 meant before it existed: a stored version-1 config resumes and re-runs
 # exactly as it was run (its studies had no calibration).
 V1_MEANING = {"calibration": "none"}
@@ -18,6 +18,9 @@ V2_MEANING = {"prompt_position": None}
 # ``demos = "auto"`` chose on P0's training loss alone until version 4, and reads training and dev losses
 # together since: a stored version-3 "auto" is that rule, spelled "auto:train" now.
 V3_MEANING = {"auto": "auto:train"}
+# Until version 4 a study without the flags searched with CMA-ES and no demonstrations; version 5's defaults are
+# bbpt's black-box recipe, resolved per task (:meth:`StudyConfig.resolved`). A stored config names both, resolved.
+V4_MEANING = {"optimizer": "cma", "demos": 0}
 # The values of ``demos`` that choose between no demonstrations and one per class before the search, and the
 # splits each reads P0's loss on (bbpt/demos_choice.py).
 AUTO_DEMOS = {"auto": ("train", "dev"), "auto:train": ("train",)}
@@ -72,8 +75,9 @@ class StudyConfig:
     # solved train examples per class written before every input (the icl arm's template), so the search starts
     # from in-context learning; 0: none (and what a stored config without the key meant); "auto": one per class
     # if they lower the starting prompt's loss on the training examples not shown and on dev, scored both ways
-    # before the search; "auto:train": the same on the training examples alone (bbpt/demos_choice.py)
-    demos: int | str = 0
+    # before the search; "auto:train": the same on the training examples alone (bbpt/demos_choice.py).
+    # None: 0, or auto where the recipe (no --optimizer) applies (:meth:`resolved`)
+    demos: int | str | None = None
     # where the prompt enters: input embeddings (prompt tuning), deep (an offset on the hidden states at the
     # prompt's positions before each of --layers, as BBTv2) or prefix (keys/values per layer, as PEFT's prefix
     # tuning); a deep or prefix prompt searched derivative-free gets one projection per layer
@@ -88,8 +92,9 @@ class StudyConfig:
     space_model: str | None = None      # discrete: whose tokenizer/embeddings (None: --model if local, else default)
     vocab: str | None = None            # vocab: a file of candidate words (None: ranked from the training texts)
     vocab_size: int = 50                # vocab: K candidates per position
-    # the optimizer
-    optimizer: str = "cma"
+    # the optimizer; "auto": bbpt's black-box recipe (:meth:`resolved`): gn with --demos auto for a soft prompt on a
+    # classification task, cma otherwise
+    optimizer: str = "auto"
     budget: int = 300
     popsize: int = 20
     sigma0: float = 1.0
@@ -116,7 +121,8 @@ class StudyConfig:
         from bbpt.objective import LOSSES
         from bbpt.optimizers import validate_spec
 
-        validate_spec(self.optimizer)
+        if self.optimizer != "auto":
+            validate_spec(self.optimizer)
         if self.space is None:
             self.space = "full" if self.optimizer == "backprop" else "projected"
         self.prompt_position = self._placement()
@@ -155,11 +161,12 @@ class StudyConfig:
              "input for --space discrete or vocab (a text prompt enters as tokens)"),
             (self.depth != "prefix" or self.prompt_position not in ("infix", "suffix"), "prompt_position",
              "prefix (or auto) for --depth prefix: its keys and values come before every token, as PEFT's do"),
-            (self.schedule == "joint" or (self.optimizer == "cma" and self.depth != "input"
+            (self.schedule == "joint" or (self.optimizer in ("cma", "auto") and self.depth != "input"
                                           and self.space == "projected"), "schedule",
              "joint unless --optimizer cma searches a deep or prefix prompt (--depth deep|prefix, projected)"),
             (self.max_new_tokens >= 1, "max_new_tokens", "at least 1 token"),
-            (self.demos_auto or (type(self.demos) is int and 0 <= self.demos <= self.shots), "demos",
+            (self.demos is None or self.demos_auto or (type(self.demos) is int and 0 <= self.demos <= self.shots),
+             "demos",
              f"auto, auto:train, or a whole number between 0 and --shots ({self.shots}): demonstrations come "
              "from the train split"),
             (not self.demos_auto or self.shots >= 2, "demos",
@@ -173,6 +180,28 @@ class StudyConfig:
         for ok, key, need in checks:
             if not ok:
                 raise ConfigError(f"--{key.replace('_', '-')} {getattr(self, key)!r} is invalid: it must be {need}")
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether the recipe's per-task choices (optimizer "auto", demos None) are made."""
+        return self.optimizer != "auto" and self.demos is not None
+
+    def resolved(self, kind: str) -> "StudyConfig":
+        """This config with the recipe's choices made for a task of ``kind`` ("classification" or "generation").
+        No --optimizer: bbpt's black-box recipe, gn (which reads every example's label scores) with --demos auto
+        for a soft prompt (``projected``) on classification, where studies/bbt_suite_v2.toml measured it (arm
+        gn_auto_dev) nearer backprop than cma; cma otherwise (a text prompt's scores do not move smoothly with z,
+        a generation task has no label scores, BBTv2's layer-wise schedule is one CMA-ES per layer). A named
+        optimizer runs as named, with no demonstrations unless --demos asks."""
+        if self.is_resolved:
+            return self
+        optimizer, demos = self.optimizer, self.demos
+        if optimizer == "auto":
+            recipe = kind == "classification" and self.space == "projected" and self.schedule == "joint"
+            optimizer = "gn" if recipe else "cma"
+            if demos is None:
+                demos = "auto" if recipe and self.shots >= 2 else 0
+        return dataclasses.replace(self, optimizer=optimizer, demos=0 if demos is None else demos)
 
     @property
     def demos_auto(self) -> bool:
@@ -207,6 +236,8 @@ class StudyConfig:
             d = {**V2_MEANING, **d}
         if d.get("version", CONFIG_VERSION) < 4 and isinstance(d.get("demos"), str):
             d = {**d, "demos": V3_MEANING.get(d["demos"], d["demos"])}
+        if d.get("version", CONFIG_VERSION) < 5:
+            d = {**V4_MEANING, **d}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -218,3 +249,13 @@ class StudyConfig:
         a, b = self.to_dict(), other.to_dict()
         # "version" is not compared: from_dict already gave an older config its meaning in this version.
         return sorted(k for k in a if k not in RESUME_SAFE and k != "version" and a[k] != b.get(k))
+
+
+def resolve_recipe(cfg: StudyConfig) -> StudyConfig:
+    """``cfg`` with bbpt's per-task defaults chosen (:meth:`StudyConfig.resolved`: the optimizer and the
+    demonstrations a study gets when it names neither), for its task's kind (read without loading the task)."""
+    if cfg.is_resolved:
+        return cfg
+    from bbpt.tasks import task_kind
+
+    return cfg.resolved(task_kind(task=None if cfg.data else cfg.task, data=cfg.data, labels=cfg.labels))

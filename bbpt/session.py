@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import bbpt
-from bbpt.config import StudyConfig
+from bbpt.config import StudyConfig, resolve_recipe
 from bbpt.errors import ConfigError, StudyError
 from bbpt.optimizers import OptimizerSettings, check_available, make_optimizer
 from bbpt.prompt import PromptInit, SavedPrompt, TextPrompts, make_space
@@ -62,6 +62,7 @@ def check_schedule(cfg: StudyConfig, site) -> None:
 def load_task_for(cfg: StudyConfig) -> Task:
     from bbpt.tasks.demos import with_demos
 
+    cfg = resolve_recipe(cfg)
     task = load_task(task=cfg.task if not cfg.data else None, data=cfg.data, test_data=cfg.test_data,
                      template=cfg.template, labels=cfg.labels, label_names=cfg.label_names,
                      text_field=cfg.text_field, text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
@@ -104,6 +105,7 @@ def check_flags(cfg: StudyConfig) -> None:
     """What the settings alone decide, before any data file, model or server is touched."""
     from adapters import backend_kind
 
+    cfg = resolve_recipe(cfg)
     kind = backend_kind(cfg.backend)
     check_capabilities(cfg, kind.gradients, kind.prompt_kinds, f"--backend {cfg.backend}", kind.depths)
     check_available(cfg.optimizer)
@@ -173,6 +175,7 @@ class Session:
     def __init__(self, cfg: StudyConfig, storage: Storage, name: str | None = None, backend=None,
                  runs_dir: str | Path = "runs", api_key: str | None = None):
         self.storage = storage
+        cfg = resolve_recipe(cfg)
         self.name = name or f"{cfg.task or Path(cfg.data).stem}-{cfg.optimizer.replace(':', '-')}-{uuid.uuid4().hex[:6]}"
         existing = storage.get_study(self.name)
         if existing is not None:

@@ -47,3 +47,21 @@ def test_committed_report_is_rebuilt_from_committed_storage(path, tmp_path, monk
     rel = f"studies/{path.name}"
     out = write_report(load_spec(rel), spec_arg=rel)
     assert out.read_text() == md.read_text()
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_committed_studies_are_current_under_todays_defaults(path, tmp_path):
+    """A change of defaults must not make a committed study stale (config version 5's recipe, gn with
+    demonstrations chosen per task, applies only to a study that names no optimizer, and every arm names one),
+    so `bbpt study run` resumes each as it ran and reports it as current."""
+    from bbpt.storage import Storage
+    from bbpt.studyspec.runner import status
+
+    db = path.parent / "results" / f"{path.stem}.db"
+    if not db.exists():
+        pytest.skip(f"no committed results for studies/{path.name} yet")
+    shutil.copy(db, tmp_path / db.name)         # opening a database may write to it
+    rows = status(load_spec(path), Storage(f"sqlite:///{tmp_path / db.name}"))
+    stale = {s.study.name: s.stale for s in rows if s.stale and s.state != "new"}
+    assert not stale, f"stored studies that the spec no longer plans as they ran: {stale}"
+    assert any(s.state == "complete" for s in rows)

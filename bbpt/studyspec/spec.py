@@ -30,7 +30,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10: the same parser, from PyPI
     import tomli as tomllib
 
-from bbpt.config import StudyConfig
+from bbpt.config import StudyConfig, resolve_recipe
 from bbpt.errors import ConfigError
 
 BASELINES = ("manual", "icl")
@@ -265,7 +265,7 @@ def _plan(spec: StudySpec) -> list[Planned]:
                 where = f"{spec.path} [[arms]] {arm.name!r}" + (
                     f" [arms.task_settings.{task}]" if task in arm.task_settings else "")
                 try:
-                    cfg = StudyConfig(task=task, seed=seed, **values)
+                    cfg = resolve_recipe(StudyConfig(task=task, seed=seed, **values))
                 except ConfigError as e:
                     raise ConfigError(f"{where}: {_as_keys(e)}") from None
                 if arm.optimizer == "icl" and arm.demos_per_class > cfg.shots:

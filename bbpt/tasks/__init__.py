@@ -13,7 +13,15 @@ from bbpt.tasks.loaders import few_shot_split, read_examples
 # Every built-in task by name: the seven BBT classification tasks and the generation task e2e.
 BUILTIN = (*CLASSIFICATION, "e2e")
 
-__all__ = ["BUILTIN", "Example", "Task", "Template", "load_task"]
+__all__ = ["BUILTIN", "Example", "Task", "Template", "load_task", "task_kind"]
+
+
+def task_kind(*, task: str | None = None, data: str | None = None, labels=None) -> str:
+    """"classification" or "generation", without loading the task: a built-in one's by name, a data file's from
+    its first row (rows with ``completion`` or ``messages`` and no --labels are answers to generate)."""
+    if data is not None:
+        return "generation" if not labels and is_generation_file(data) else "classification"
+    return "generation" if task == "e2e" else "classification"
 
 
 def load_task(*, task: str | None = None, data: str | None = None, test_data: str | None = None,
