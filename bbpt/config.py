@@ -155,6 +155,9 @@ class StudyConfig:
              f"between 1 and --shots ({self.shots}), so every mini-batch holds every class"),
             (self.train_batches == 1 or self.optimizer != "backprop", "train_batches",
              "1 for backprop (its steps use the whole training set)"),
+            (self.train_batches == 1 or self.optimizer != "gn", "train_batches",
+             "1 for --optimizer gn (it models every training example's label scores, and a mini-batch call "
+             "returns some of them); use cma or nevergrad:NAME for mini-batches"),
             (self.depth in DEPTHS, "depth", " or ".join(DEPTHS)),
             (self.schedule in SCHEDULES, "schedule", " or ".join(SCHEDULES)),
             (self.depth == "input" or self.space in ("projected", "full"), "depth",
@@ -191,13 +194,15 @@ class StudyConfig:
         No --optimizer: bbpt's black-box recipe, gn (which reads every example's label scores) with --demos auto
         for a soft prompt (``projected``) on classification, where studies/bbt_suite_v2.toml measured it (arm
         gn_auto_dev) nearer backprop than cma; cma otherwise (a text prompt's scores do not move smoothly with z,
-        a generation task has no label scores, BBTv2's layer-wise schedule is one CMA-ES per layer). A named
+        a generation task has no label scores, BBTv2's layer-wise schedule is one CMA-ES per layer, gn's model
+        needs every example's scores each call, not a mini-batch's). A named
         optimizer runs as named, with no demonstrations unless --demos asks."""
         if self.is_resolved:
             return self
         optimizer, demos = self.optimizer, self.demos
         if optimizer == "auto":
-            recipe = kind == "classification" and self.space == "projected" and self.schedule == "joint"
+            recipe = (kind == "classification" and self.space == "projected" and self.schedule == "joint"
+                      and self.train_batches == 1)
             optimizer = "gn" if recipe else "cma"
             if demos is None:
                 demos = "auto" if recipe and self.shots >= 2 else 0

@@ -24,6 +24,7 @@ from bbpt.storage import Storage
     (dict(task="e2e"), "cma", 0),                                  # generation: no label scores for gn
     (dict(task="sst2", space="discrete"), "cma", 0),               # a text prompt's scores are steps in z
     (dict(task="agnews", depth="deep", schedule="layerwise"), "cma", 0),   # BBTv2: a CMA-ES per layer
+    (dict(task="agnews", train_batches=2), "cma", 0),              # gn models every example's scores each call
     (dict(task="sst2", optimizer="cma"), "cma", 0),                # a named optimizer runs alone
     (dict(task="sst2", optimizer="backprop"), "backprop", 0),
 ])
@@ -31,6 +32,13 @@ def test_no_optimizer_means_gn_after_the_better_start_where_it_reads_label_score
     cfg = resolve_recipe(StudyConfig(**settings))
     assert (cfg.optimizer, cfg.demos) == (optimizer, demos) and cfg.is_resolved
     assert resolve_recipe(cfg) is cfg
+
+
+def test_gn_refuses_mini_batches_with_the_fix():
+    from bbpt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--train-batches 2 is invalid: it must be 1 for --optimizer gn.*use cma"):
+        StudyConfig(task="sst2", optimizer="gn", train_batches=2)
 
 
 def test_a_data_file_is_resolved_by_its_kind(tmp_path):

@@ -129,7 +129,7 @@ def test_mini_batches_score_a_generation_on_part_of_train_and_its_best_on_all(ti
     batches = stratified_batches(np.array([0, 1, 0, 1, 0, 1, 1, 0]), 2)
     assert [sorted(np.array([0, 1, 0, 1, 0, 1, 1, 0])[b]) for b in batches] == [[0, 0, 1, 1]] * 2
     cfg = StudyConfig(task="sst2", model=tiny_model_dir, device="cpu", shots=4, max_test=8, prompt_tokens=4,
-                      intrinsic_dim=10, popsize=4, budget=15, train_batches=2)
+                      intrinsic_dim=10, popsize=4, budget=15, train_batches=2, optimizer="cma")
     store = Storage(f"sqlite:///{tmp_path / 's.db'}")
     sess = Session(cfg, store, name="mb", backend=HFBackend(tiny_model_dir, device="cpu"),
                    runs_dir=tmp_path / "runs")
