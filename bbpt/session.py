@@ -102,7 +102,8 @@ def check_capabilities(cfg: StudyConfig, gradients: bool, prompt_kinds: tuple[st
 
 
 def check_flags(cfg: StudyConfig) -> None:
-    """What the settings alone decide, before any data file, model or server is touched."""
+    """What the settings alone decide, before any model or server is touched (with no --optimizer and a --data
+    file, the file's first row says its kind, which picks the recipe's optimizer)."""
     from adapters import backend_kind
 
     cfg = resolve_recipe(cfg)
