@@ -150,3 +150,24 @@ def test_a_study_on_postgresql(postgres_url, tiny_model_dir, tmp_path, capsys):
         assert len(capsys.readouterr().out.splitlines()) == 1 + 12
     finally:
         storage.delete_study(name)
+
+
+def test_opening_a_new_file_while_another_process_creates_its_tables_waits(tmp_path):
+    """SQLite refuses a journal-mode change at once (no busy wait) while another connection holds the write
+    lock of a file still in rollback mode: two workers opening a new database together hit it (CI saw
+    'database is locked'). Opening must wait for the lock, as every other statement does."""
+    import threading
+    import time
+
+    path = tmp_path / "new.db"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")                       # the other process, mid-way through creating its tables
+    other.execute("CREATE TABLE unrelated (x)")
+    threading.Timer(0.5, lambda: other.execute("COMMIT")).start()
+    t0 = time.monotonic()
+    store = Storage(f"sqlite:///{path}")
+    assert time.monotonic() - t0 >= 0.4                    # it waited for the lock rather than failing
+    with store.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    assert store.get_study("none") is None
+    other.close()

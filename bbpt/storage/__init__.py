@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import sqlite3
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ __all__ = ["DEFAULT_URL", "Storage", "CheckpointRow", "EvaluationRow", "RequestC
            "TrialRow", "default_url"]
 
 DEFAULT_URL = "sqlite:///bbpt.db"
+SQLITE_TIMEOUT = 60.0    # seconds a SQLite statement waits for another process's lock
 
 
 def default_url() -> str:
@@ -64,9 +66,26 @@ def json_loads(text: str):
     return json.loads(text, object_hook=lambda d: float(d["__float__"]) if d.keys() == {"__float__"} else d)
 
 
+def _sqlite_wal(cur, wait: float = SQLITE_TIMEOUT) -> None:
+    """Readers never block the writer under WAL, so two studies can share a file. SQLite does not call its
+    busy handler for a journal-mode change: a process opening a new file while another holds its write lock
+    (creating the tables) gets "database is locked" at once. WAL is kept in the file, so retry until the other
+    has set it, or the file is free, for as long as any other statement would wait."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            if cur.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(random.uniform(0.01, 0.05))
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")      # readers never block the writer; two studies can share a file
+    _sqlite_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")    # durable at each checkpoint of the WAL, safe against kill -9
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
@@ -93,7 +112,7 @@ class Storage:
         self.new_file = self.file is not None and not self.file.exists()
         if sqlite:
             self._check_sqlite_path(create)
-        connect_args = {"timeout": 60} if sqlite else {}
+        connect_args = {"timeout": SQLITE_TIMEOUT} if sqlite else {}
         if read_only and self.url.startswith("postgresql"):
             connect_args["options"] = "-c default_transaction_read_only=on"
         try:
