@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "backprop in the BBT suite: README), cma otherwise")
     g.add_argument("--budget", type=int, default=300, help="calls: one forward of one candidate over the "
                                                            "training batch (a backprop step is one call)")
+    g.add_argument("--max-seconds", type=float, help="a time budget beside --budget: stop before a generation "
+                   "would take the study's seconds (model time on the training set, as its summary counts them) "
+                   "past this; dev is then also checked at every tenth of it. E.g. --max-seconds 600 --budget 2000: "
+                   "ten minutes, whatever they buy. A study resumed with a larger value goes on")
     g.add_argument("--popsize", type=int, default=20, help="candidates per generation (black-box)")
     g.add_argument("--sigma0", type=float, default=1.0, help="initial step size of the search in z")
     g.add_argument("--lr", type=float, help="backprop learning rate (default 0.01 on P, 0.1 on z)")

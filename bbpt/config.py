@@ -27,7 +27,7 @@ AUTO_DEMOS = {"auto": ("train", "dev"), "auto:train": ("train",)}
 
 # Keys that may change between a run and its resume without changing which trials it produces.
 RESUME_SAFE = frozenset({"budget", "device", "endpoint", "eval_every", "price_per_1k", "max_tokens_total",
-                         "test_curve"})
+                         "max_seconds", "test_curve"})
 SPACES = ("projected", "full", "discrete", "vocab")
 DEV_TIES = ("earliest", "loss")
 CALIBRATIONS = ("none", "bias")
@@ -96,6 +96,9 @@ class StudyConfig:
     # classification task, cma otherwise
     optimizer: str = "auto"
     budget: int = 300
+    # a time budget beside --budget's calls: stop before a generation would take the study's seconds (its model
+    # time on the training set, what the summary and reports count) past this. None: calls alone decide.
+    max_seconds: float | None = None
     popsize: int = 20
     sigma0: float = 1.0
     lr: float | None = None             # None: 0.01 on P (full), 0.1 on z (projected)
@@ -179,6 +182,8 @@ class StudyConfig:
             (self.price_per_1k is None or (math.isfinite(self.price_per_1k) and self.price_per_1k >= 0),
              "price_per_1k", "a non-negative number"),
             (self.max_tokens_total is None or self.max_tokens_total >= 1, "max_tokens_total", "at least 1"),
+            (self.max_seconds is None or (math.isfinite(self.max_seconds) and self.max_seconds > 0), "max_seconds",
+             "a positive number of seconds"),
         ]
         for ok, key, need in checks:
             if not ok:

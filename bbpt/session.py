@@ -261,12 +261,16 @@ class Session:
         return self.backend.encode(task.split(split), task.template, task.label_words)
 
     def _check_resumable(self, ck) -> None:
-        """Compaction drops a complete study's optimizer state; its budget can then no longer grow."""
+        """Compaction drops a complete study's optimizer state; its limits can then no longer grow."""
+        from bbpt.study import LoopState, limit_reached     # the loop's module imports this one
+
         cfg = self.config
-        if ck and not ck.optimizer_state and ck.loop_state["calls"] + self.calls_per_generation <= cfg.budget:
+        if ck and not ck.optimizer_state and not limit_reached(cfg, LoopState(**ck.loop_state),
+                                                               self.calls_per_generation):
             raise StudyError(f"study {self.name!r} was compacted (`bbpt studies compact`) after it completed, so its "
                              f"optimizer state is gone and its budget cannot be raised from {ck.loop_state['calls']} "
-                             f"to {cfg.budget} calls; run it under a new name, or delete it and run it again")
+                             f"to {cfg.budget} calls (nor --max-seconds past its {ck.loop_state['seconds']:.0f} s); "
+                             "run it under a new name, or delete it and run it again")
 
     @property
     def calls_per_generation(self) -> int:

@@ -39,6 +39,7 @@ class LoopState:
     dev_last: float | None = None
     eval_tokens: int = 0                 # spent on dev checks during the search
     gen_tokens_max: int = 0              # the costliest generation so far: the estimate for the next one
+    gen_seconds_max: float = 0.0         # the slowest generation so far: the estimate for the next one
     stopped: str = ""                    # why the search ended early ("" when the budget was spent)
 
 
@@ -62,13 +63,9 @@ def run(sess: Session, progress: bool = True) -> dict:
         start_evals = list(sess.start_evals) + ([_start_eval(sess, space, loop)] if cfg.keep_start else [])
         loop.seconds += sess.start_seconds
         loop.eval_tokens += sum(e["tokens"] for e in sess.start_evals)
-    while loop.calls + per_gen <= cfg.budget and not opt.stop():
-        if cfg.max_tokens_total and loop.tokens + loop.eval_tokens + loop.gen_tokens_max > cfg.max_tokens_total:
-            loop.stopped = "max_tokens_total"
-            log.warning("stopping at call %d: another generation (up to %d tokens) would take the %d tokens spent "
-                        "past --max-tokens-total %d", loop.calls, loop.gen_tokens_max,
-                        loop.tokens + loop.eval_tokens, cfg.max_tokens_total)
-            break
+    # Why this run ends, asked afresh each run: a resume with a larger limit goes on where the last one stopped.
+    while not opt.stop() and not _stop(cfg, loop, per_gen):
+        seconds_before = loop.seconds
         zs = opt.ask()
         part, train, y_train = sess.train_part(loop.generation)
         got = score_population(sess.backend, space, zs, train, y_train, cfg.loss, opt.needs_gradient,
@@ -90,9 +87,13 @@ def run(sess: Session, progress: bool = True) -> dict:
             gen_tokens += full.tokens
         loop.calls += len(trials)
         loop.gen_tokens_max = max(loop.gen_tokens_max, gen_tokens)
+        loop.gen_seconds_max = max(loop.gen_seconds_max, loop.seconds - seconds_before)
         evals, start_evals = start_evals, []
         due = loop.calls // cfg.eval_every > (loop.calls - len(trials)) // cfg.eval_every
-        last = loop.calls + per_gen > cfg.budget
+        if cfg.max_seconds:     # also at every tenth of the time budget: the calls it buys are not known ahead
+            tenth = cfg.max_seconds / 10
+            due = due or loop.seconds // tenth > seconds_before // tenth
+        last = bool(limit_reached(cfg, loop, per_gen))
         if (due or last) and loop.best_trial not in loop.evaluated:
             evals.append(_dev_eval(sess, space, loop, best_z))
         loop.generation += 1
@@ -102,6 +103,7 @@ def run(sess: Session, progress: bool = True) -> dict:
         bar.set_postfix(best_loss=f"{loop.best_loss:.4f}",
                         dev=f"{loop.dev_last:.3f}" if loop.dev_last is not None else "-")
     bar.close()
+    loop.stopped = limit_reached(cfg, loop, per_gen)
     if opt.stop() and not loop.stopped:
         loop.stopped = "optimizer: " + ", ".join(sorted(opt.stop()))
     if start_evals:             # no generation ran (a budget under one): P0 is then the only candidate
@@ -109,6 +111,31 @@ def run(sess: Session, progress: bool = True) -> dict:
     if loop.best_trial is not None and loop.best_trial not in loop.evaluated:  # budget smaller than one step
         store.add_evaluations(sid, [_dev_eval(sess, space, loop, best_z)])
     return sess.finish(space, loop)
+
+
+def limit_reached(cfg, loop: LoopState, per_gen: int) -> str:
+    """Which limit another generation of ``per_gen`` calls would pass ("" if none): --budget's calls, or the
+    tokens or seconds it would take, estimated from the costliest and the slowest generation so far."""
+    if loop.calls + per_gen > cfg.budget:
+        return "budget"
+    if cfg.max_tokens_total and loop.tokens + loop.eval_tokens + loop.gen_tokens_max > cfg.max_tokens_total:
+        return "max_tokens_total"
+    if cfg.max_seconds and loop.seconds + loop.gen_seconds_max > cfg.max_seconds:
+        return "max_seconds"
+    return ""
+
+
+def _stop(cfg, loop: LoopState, per_gen: int) -> bool:
+    """Whether the search ends before another generation; an early end (not --budget's) is logged."""
+    why = limit_reached(cfg, loop, per_gen)
+    if why == "max_tokens_total":
+        log.warning("stopping at call %d: another generation (up to %d tokens) would take the %d tokens spent "
+                    "past --max-tokens-total %d", loop.calls, loop.gen_tokens_max,
+                    loop.tokens + loop.eval_tokens, cfg.max_tokens_total)
+    elif why == "max_seconds":
+        log.info("stopping at call %d: another generation (up to %.1f s) would take the study's %.1f s past "
+                 "--max-seconds %g", loop.calls, loop.gen_seconds_max, loop.seconds, cfg.max_seconds)
+    return bool(why)
 
 
 def _record(loop: LoopState, cfg, zs, got, best_z, extra: dict | None = None, tracks_best: bool = True):

@@ -187,8 +187,8 @@ def _arms(raw_arms, path: Path, tasks: list[str]) -> list[Arm]:
         for key in ("name", "optimizer"):
             if not isinstance(a.get(key), str):
                 raise ConfigError(f"{where}: {key} is missing or not a string; every arm needs "
-                                  'name = "..." and optimizer = "cma" | "backprop" | "nevergrad:NAME" | "random" '
-                                  '| "manual" | "icl"')
+                                  'name = "..." and optimizer = "auto" (the default recipe) | "cma" | "gn" | "backprop" '
+                                  '| "nevergrad:NAME" | "random" | "manual" | "icl"')
         _check_name(a["name"], "name", where)
         if any(b.name == a["name"] for b in arms):
             raise ConfigError(f"{where}: arm name {a['name']!r} is used twice; arm names must be unique")
