@@ -17,6 +17,7 @@ log = logging.getLogger("bbpt")
 
 EPILOG = """examples:
   bbpt optimize --task agnews --budget 300           # black-box, the default: gn, demonstrations if they help
+  bbpt optimize --task agnews --max-seconds 600 --budget 2000   # ten minutes of search, whatever calls they buy
   bbpt optimize --task sst2 --optimizer cma --budget 300 --seed 0
   bbpt optimize --task sst2 --optimizer backprop --budget 40
   bbpt optimize --data my.jsonl --template "Review: {text}\\nSentiment:" --labels " negative" " positive"
