@@ -40,7 +40,7 @@ class LoopState:
     eval_tokens: int = 0                 # spent on dev checks during the search
     gen_tokens_max: int = 0              # the costliest generation so far: the estimate for the next one
     gen_seconds_max: float = 0.0         # the slowest generation so far: the estimate for the next one
-    stopped: str = ""                    # why the search ended early ("" when the budget was spent)
+    stopped: str = ""                    # why the search ended: budget, max_tokens_total, max_seconds, optimizer: ...
 
 
 def run(sess: Session, progress: bool = True) -> dict:
@@ -100,8 +100,10 @@ def run(sess: Session, progress: bool = True) -> dict:
         store.commit_generation(sid, trials, dict(generation=loop.generation, optimizer_state=opt.state(),
                                                   loop_state=asdict(loop), best_trial=loop.best_trial), evals)
         bar.update(len(trials))
+        # Under --max-seconds the bar's ETA (from --budget's calls) is not when the search ends: show the clock.
+        clock = dict(seconds=f"{loop.seconds:.1f}/{cfg.max_seconds:g}") if cfg.max_seconds else {}
         bar.set_postfix(best_loss=f"{loop.best_loss:.4f}",
-                        dev=f"{loop.dev_last:.3f}" if loop.dev_last is not None else "-")
+                        dev=f"{loop.dev_last:.3f}" if loop.dev_last is not None else "-", **clock)
     bar.close()
     loop.stopped = limit_reached(cfg, loop, per_gen)
     if opt.stop() and not loop.stopped:
