@@ -86,3 +86,12 @@ def test_a_max_seconds_that_is_not_a_positive_number_is_refused(value):
 def test_max_seconds_does_not_block_a_resume():
     a, b = StudyConfig(optimizer="cma", max_seconds=60.0), StudyConfig(optimizer="cma", max_seconds=600.0)
     assert a.differences(b) == []
+
+
+def test_a_refused_max_seconds_writes_no_database(tmp_path, capsys):
+    db = tmp_path / "refused.db"
+    args = ["optimize", "--task", "sst2", "--max-seconds", "0", "--storage", f"sqlite:///{db}",
+            "--runs-dir", str(tmp_path / "runs")]
+    assert main(args) != 0
+    assert "--max-seconds 0.0 is invalid" in capsys.readouterr().err
+    assert not db.exists() and not (tmp_path / "runs").exists()
