@@ -41,6 +41,9 @@ class StudyReport:
     test_calls: np.ndarray = field(default_factory=lambda: np.array([]))
     test_seconds: np.ndarray = field(default_factory=lambda: np.array([]))
     test_scores: np.ndarray = field(default_factory=lambda: np.array([]))
+    # the same prompts' dev score and dev loss, so reports can ask which of the two orders test better
+    test_dev_scores: np.ndarray = field(default_factory=lambda: np.array([]))
+    test_dev_losses: np.ndarray = field(default_factory=lambda: np.array([]))
     cum_tokens: np.ndarray = field(default_factory=lambda: np.array([]))     # cumulative, after each trial
     losses: np.ndarray = field(default_factory=lambda: np.array([]))         # each trial's train loss, as scored
 
@@ -86,7 +89,9 @@ def gather(storage: Storage, name: str, metric: str = METRIC) -> StudyReport:
         best_dev=np.maximum.accumulate(dev_scores) if dev else dev_scores,
         dev=score.get((selected, "dev")), test=score.get((selected, "test")), dev_scores=dev_scores,
         test_calls=np.array([e.calls_at for e in kept]), test_seconds=np.array([e.seconds_at for e in kept]),
-        test_scores=np.array([score[(e.trial_number, "test")] for e in kept]))
+        test_scores=np.array([score[(e.trial_number, "test")] for e in kept]),
+        test_dev_scores=np.array([e.metrics[metric] for e in kept]),
+        test_dev_losses=np.array([e.metrics["loss"] for e in kept]))
 
 
 COMPARE_COLUMNS = ("study", "optimizer", "state", "calls", "tokens", "seconds", "best loss", "dev", "test")

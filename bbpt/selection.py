@@ -7,6 +7,9 @@ search stopped earlier, without a second copy of the rule.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import combinations
+
 
 def improves(score: float, loss: float, best: float | None, best_loss: float, ties: str) -> bool:
     """A dev score beats the kept one (None: nothing kept yet) if it is higher; with ``ties="loss"`` an equal
@@ -25,3 +28,34 @@ def history(evals, metric: str, ties: str) -> list:
             best, best_loss = e.metrics[metric], e.metrics["loss"]
             out.append(e)
     return out
+
+
+@dataclass(frozen=True)
+class OrderCheck:
+    """How often dev score and dev loss put two prompts in the order test puts them (see :func:`order_check`)."""
+    pairs: int                  # pairs of prompts with different dev scores and different test scores
+    score_right: int            # the higher dev score also scored higher on test
+    loss_right: int             # the lower dev loss scored higher on test
+    disagree: int               # pairs where dev score and dev loss point at different prompts
+    loss_right_when_disagree: int
+
+
+def order_check(studies) -> OrderCheck:
+    """The evidence for selecting on dev score rather than dev loss, read from prompts whose test score is
+    known: for each study, a list of (dev score, dev loss, test score) of the prompts dev kept in turn (the
+    test curve). Within each study, every pair of them is asked which prompt each rule prefers and which one
+    test prefers. Pairs tied on dev score or on test say nothing and are skipped. This scores no model and
+    selects nothing: reports print it so that a change of rule is decided on measured pairs."""
+    n = score_right = loss_right = disagree = loss_wins = 0
+    for points in studies:
+        for (s1, l1, t1), (s2, l2, t2) in combinations(points, 2):
+            if s1 == s2 or t1 == t2:
+                continue
+            truth, by_score, by_loss = t2 > t1, s2 > s1, l2 < l1
+            n += 1
+            score_right += by_score == truth
+            loss_right += by_loss == truth
+            if by_score != by_loss:
+                disagree += 1
+                loss_wins += by_loss == truth
+    return OrderCheck(n, score_right, loss_right, disagree, loss_wins)

@@ -162,3 +162,16 @@ def test_mini_batches_are_refused_where_they_cannot_work():
         StudyConfig(shots=4, train_batches=5)
     with pytest.raises(ConfigError, match="--train-batches 2 .*backprop"):
         StudyConfig(optimizer="backprop", train_batches=2)
+
+
+def test_order_check_counts_which_dev_signal_orders_test_right():
+    from bbpt.selection import order_check
+
+    # One study's prompts as (dev score, dev loss, test). Pairs: (a, b): score and loss both say b, test says b;
+    # (a, c): score says c, loss says a, test says a (loss right where they disagree); (b, c): score says c,
+    # loss says b, test says b (loss right again). A study tied on dev score everywhere adds no pair.
+    a, b, c = (0.5, 0.70, 0.60), (0.6, 0.60, 0.70), (0.7, 0.75, 0.55)
+    tied = [(0.5, 0.6, 0.5), (0.5, 0.5, 0.6)]
+    got = order_check([[a, b, c], tied, [a]])
+    assert (got.pairs, got.score_right, got.loss_right, got.disagree, got.loss_right_when_disagree) == (3, 1, 3, 2, 2)
+    assert order_check([]).pairs == 0

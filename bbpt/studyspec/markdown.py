@@ -15,6 +15,7 @@ import bbpt
 from bbpt.config import AUTO_DEMOS
 from bbpt.errors import StorageError
 from bbpt.report import StudyReport, band_figure, gather
+from bbpt.selection import order_check
 from bbpt.storage import Storage
 from bbpt.studyspec.runner import duration
 from bbpt.studyspec.spec import Arm, StudySpec
@@ -90,7 +91,20 @@ def _header(spec: StudySpec, storage_url, spec_arg, rows, cells) -> list[str]:
         lines.append(f"- dev ties: in {sum(r.dev_tied for r in searched)} of {len(searched)} tuned studies more "
                      f"than one prompt reached the best dev score; {kept}, so many ties say the dev set is too "
                      "small to choose (`dev_shots`)")
+        lines += _order_line(searched)
     return lines + [""]
+
+
+def _order_line(searched: list[StudyReport]) -> list[str]:
+    """Whether dev score (the rule) or dev loss would have chosen better, on the prompts a test curve scored."""
+    c = order_check([list(zip(r.test_dev_scores, r.test_dev_losses, r.test_scores))
+                     for r in searched if len(r.test_scores) > 1])
+    if not c.pairs:
+        return []
+    return [f"- dev score or dev loss: of {c.pairs} pairs of prompts that dev kept in turn within a study (test "
+            f"curves; pairs tied on dev score or on test left out), the higher dev score also scored higher on "
+            f"test in {c.score_right} and the lower dev loss in {c.loss_right}; in the {c.disagree} pairs where "
+            f"the two disagree, dev loss picked the better prompt {c.loss_right_when_disagree} times"]
 
 
 def spec_cells(spec: StudySpec, storage: Storage):
