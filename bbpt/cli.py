@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("delete", "remove a study and all its trials"),
                              ("compact", "shrink complete studies to what reports and exports read (drops "
                                          "optimizer state and the parameters of every trial but the selected "
-                                         "one): before committing results")):
+                                         "one and the searched prompts scored on dev): before committing "
+                                         "results")):
         sp = ssub.add_parser(action, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         if action in ("show", "delete"):
             sp.add_argument("name")

@@ -251,7 +251,7 @@ def cmd_studies(args) -> int:
         before = path.stat().st_size if path else None
         n, k = storage.compact()
         size = f": {before / 2**20:.1f} MB -> {path.stat().st_size / 2**20:.1f} MB" if path else ""
-        print(f"dropped the optimizer state of {n} complete studies and the parameters of {k} trials not selected"
+        print(f"dropped the optimizer state of {n} complete studies and the parameters of {k} trials neither selected nor scored on dev"
               f"{size}; they can be reported, exported and evaluated, not extended")
         return 0
     row = storage.require_study(args.name)

@@ -305,6 +305,13 @@ def test_compact_keeps_the_report_and_refuses_to_extend(finished, tiny_model_dir
     assert rows(url, "SELECT COUNT(*) FROM studies s JOIN trials t ON t.study_id = s.id AND t.number = "
                      "json_extract(s.summary, '$.selected_trial')")[0][0] > 0
     assert others > 0, "the finished studies should score some prompts besides the one they select"
+    # ... except prompts scored on dev whose z is small (a searched z): kept, so a selection rule can be
+    # replayed on a committed study. With no such allowance, every other scored prompt loses its z.
+    on_dev = "AND EXISTS (SELECT 1 FROM evaluations e WHERE e.study_id = t.study_id AND e.trial_number = " \
+             "t.number AND e.split = 'dev')"
+    assert rows(url, f"SELECT COUNT(*) {other} {on_dev} AND length(t.z) = 0") == [(0,)]
+    assert rows(url, f"SELECT COUNT(*) {other} {on_dev}")[0][0] > 0
+    assert Storage(url).compact(keep_dev_z_bytes=0)[1] > 0
     assert rows(url, f"SELECT COUNT(*) {other} AND length(t.z) > 0") == [(0,)]
     assert Path(url.split("///", 1)[1]).stat().st_size <= size
     assert main(["-q", "study", "report", str(spec)]) == 0

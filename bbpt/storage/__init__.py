@@ -30,6 +30,9 @@ __all__ = ["DEFAULT_URL", "Storage", "CheckpointRow", "EvaluationRow", "RequestC
 
 DEFAULT_URL = "sqlite:///bbpt.db"
 SQLITE_TIMEOUT = 60.0    # seconds a SQLite statement waits for another process's lock
+# compact() keeps the z of prompts scored on dev up to this size: a searched z (float32, d <= 4,096), not a
+# deep or full-space prompt (~23 kB for input-layer backprop on SmolLM2, ~0.7 MB at every layer)
+KEEP_DEV_Z_BYTES = 16384
 
 
 def default_url() -> str:
@@ -298,7 +301,7 @@ class Storage:
             if self.schema >= 2:     # its claim goes too, so the study can be run (or queued) afresh
                 s.execute(delete(WorkRow).where(WorkRow.name == name))
 
-    def compact(self) -> tuple[int, int]:
+    def compact(self, keep_dev_z_bytes: int = KEEP_DEV_Z_BYTES) -> tuple[int, int]:
         """Shrink complete studies to what reports, exports and `bbpt eval` read; returns (checkpoints, trials)
         emptied.
 
@@ -310,7 +313,11 @@ class Storage:
         the prompt file): reports read scores, and the test curve was scored when the study finished. Deep and
         prefix prompts made the vectors of dev-checked and test-curve prompts most of a results file. A study
         whose summary does not name its selected trial keeps z for every prompt scored on test. This is what
-        makes a results database small enough to commit beside its report."""
+        makes a results database small enough to commit beside its report.
+
+        Prompts scored on dev keep a z of at most ``keep_dev_z_bytes`` (a searched z, 2 kB at d = 500; not a
+        deep or full-space prompt): with them a selection rule (a larger dev set, another tie rule) can be
+        replayed on a committed study without re-running its search, for ~20 kB a study."""
         with self._write() as s:
             n = s.execute(update(CheckpointRow).where(
                 CheckpointRow.study_id.in_(select(StudyRow.id).where(StudyRow.state == "complete")),
@@ -319,6 +326,10 @@ class Storage:
             done = s.execute(select(StudyRow.id, StudyRow.summary).where(StudyRow.state == "complete")).all()
             for sid, summary in done:
                 keep = set(s.scalars(select(CheckpointRow.best_trial).where(CheckpointRow.study_id == sid)))
+                keep |= set(s.scalars(select(TrialRow.number).where(
+                    TrialRow.study_id == sid, func.length(TrialRow.z) <= keep_dev_z_bytes,
+                    TrialRow.number.in_(select(EvaluationRow.trial_number).where(
+                        EvaluationRow.study_id == sid, EvaluationRow.split == "dev")))))
                 if (summary or {}).get("selected_trial") is not None:
                     keep.add(summary["selected_trial"])
                 else:
