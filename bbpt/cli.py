@@ -382,10 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
                              ("compact", "shrink complete studies to what reports and exports read (drops "
                                          "optimizer state and the parameters of every trial but the selected "
                                          "one and the searched prompts scored on dev): before committing "
-                                         "results")):
+                                         "results"),
+                             ("reselect", "replay a finished study's selection on a larger dev set "
+                                          "(--dev-shots), without re-running its search: the same prompts it "
+                                          "scored on dev, its own rule, the new pick scored on test once; "
+                                          "prints both picks and writes nothing")):
         sp = ssub.add_parser(action, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
-        if action in ("show", "delete"):
+        if action in ("show", "delete", "reselect"):
             sp.add_argument("name")
+        if action == "reselect":
+            sp.add_argument("--dev-shots", type=int, required=True,
+                            help="dev examples per class, more than the study used (its dev set is kept and "
+                                 "extended; train and test do not change)")
+            sp.add_argument("--json", action="store_true", help="print the result as JSON")
         if action == "show":
             sp.add_argument("--text", action="store_true", help="print only the best discrete prompt, as plain "
                                                                 "text ready to paste into any API")

@@ -254,6 +254,22 @@ def cmd_studies(args) -> int:
         print(f"dropped the optimizer state of {n} complete studies and the parameters of {k} trials neither selected nor scored on dev"
               f"{size}; they can be reported, exported and evaluated, not extended")
         return 0
+    if args.action == "reselect":
+        from bbpt.replay import replay_dev_shots
+
+        got = replay_dev_shots(storage, args.name, args.dev_shots)
+        if args.json:
+            print(json.dumps(got))
+            return 0
+        (small, big), m = got["dev_shots"], got["metric"]
+        fmt = lambda v: "-" if v is None else f"{100 * v:.1f}"
+        print(f"{got['study']}: {got['prompts']} prompts scored on dev; {m} in %")
+        print(f"  kept with {small} dev shots per class: trial {got['stored']['trial']}, dev "
+              f"{fmt(got['stored']['dev'])}, test {fmt(got['stored']['test'])}")
+        print(f"  kept with {big} ({got['dev_examples']} dev examples): trial {got['replayed']['trial']}, dev "
+              f"{fmt(got['replayed']['dev'])} ({fmt(got['replayed']['dev_small'])} on the first {small}), test "
+              f"{fmt(got['replayed']['test'])}")
+        return 0
     row = storage.require_study(args.name)
     if args.action == "delete":
         storage.delete_study(args.name)

@@ -175,3 +175,39 @@ def test_order_check_counts_which_dev_signal_orders_test_right():
     got = order_check([[a, b, c], tied, [a]])
     assert (got.pairs, got.score_right, got.loss_right, got.disagree, got.loss_right_when_disagree) == (3, 1, 3, 2, 2)
     assert order_check([]).pairs == 0
+
+
+def test_reselect_replays_selection_on_a_larger_dev_set_and_writes_nothing(tmp_path, tiny_model_dir):
+    from bbpt.cli import main
+    from bbpt.errors import StudyError
+    from bbpt.replay import replay_dev_shots
+    from study_helpers import dump
+
+    url = f"sqlite:///{tmp_path / 'replay.db'}"
+    args = optimize_args(tiny_model_dir, url, "s", budget=40, runs_dir=tmp_path / "runs",
+                         extra=("--eval-every", "8", "--demos", "auto"))
+    done = cli(args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    storage = Storage(url)
+    row = storage.require_study("s")
+    dev = {e.trial_number: e.metrics for e in storage.evaluations(row.id)
+           if e.split == "dev" and e.trial_number is not None}
+    before = dump(url)
+
+    # At the study's own dev size the replay rescores the same prompts on the same examples: same scores, same pick.
+    same = replay_dev_shots(storage, "s", 4)
+    assert same["stored"]["trial"] == same["replayed"]["trial"] == row.summary["selected_trial"]
+    assert same["replayed"]["dev"] == pytest.approx(dev[same["replayed"]["trial"]]["accuracy"])
+    assert same["stored"]["test"] == pytest.approx(row.summary["test"])
+
+    bigger = replay_dev_shots(storage, "s", 12)
+    assert bigger["dev_examples"] == 12 * 2 and bigger["prompts"] == len(dev)
+    assert bigger["replayed"]["trial"] in dev and 0 <= bigger["replayed"]["test"] <= 1
+    assert main(["studies", "reselect", "s", "--dev-shots", "12", "--storage", url]) == 0
+    assert dump(url) == before          # a replay writes nothing
+
+    with pytest.raises(StudyError, match="--dev-shots 2 is fewer than the study's 4"):
+        replay_dev_shots(storage, "s", 2)
+    storage.compact(keep_dev_z_bytes=0)     # as compacted before bbpt kept the prompts scored on dev
+    with pytest.raises(StudyError, match="was compacted before bbpt kept the z of prompts scored on dev"):
+        replay_dev_shots(storage, "s", 12)
