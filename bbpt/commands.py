@@ -251,8 +251,8 @@ def cmd_studies(args) -> int:
         before = path.stat().st_size if path else None
         n, k = storage.compact()
         size = f": {before / 2**20:.1f} MB -> {path.stat().st_size / 2**20:.1f} MB" if path else ""
-        print(f"dropped the optimizer state of {n} complete studies and the parameters of {k} trials neither selected nor scored on dev"
-              f"{size}; they can be reported, exported and evaluated, not extended")
+        print(f"dropped the optimizer state of {n} complete studies and the parameters of {k} trials neither "
+              f"selected nor scored on dev{size}; they can be reported, exported and evaluated, not extended")
         return 0
     if args.action == "reselect":
         from bbpt.replay import replay_dev_shots

@@ -34,7 +34,7 @@ def replay_dev_shots(storage, name: str, dev_shots: int, backend=None) -> dict:
     from bbpt.config import StudyConfig
     from bbpt.scoring import evaluate, evaluate_many
     from bbpt.selection import history
-    from bbpt.session import START, load_task_for, make_prompt_space, open_backend, resolve_init
+    from bbpt.session import START, load_task_for, make_prompt_space, open_backend, resolve_init, z_from_bytes
 
     row = storage.require_study(name)
     if row.state != "complete":
@@ -47,8 +47,9 @@ def replay_dev_shots(storage, name: str, dev_shots: int, backend=None) -> dict:
                  key=lambda e: (e.calls_at, e.id))
     if not dev:
         raise StudyError(f"study {name!r} scored no prompt on dev")
-    if dev_shots < (cfg.dev_shots or cfg.shots):
-        raise StudyError(f"--dev-shots {dev_shots} is fewer than the study's {cfg.dev_shots or cfg.shots}: a "
+    own = cfg.dev_shots or cfg.shots
+    if dev_shots < own:
+        raise StudyError(f"--dev-shots {dev_shots} is fewer than the study's {own}: a "
                          "replay adds dev examples (at the study's own size it reproduces its dev scores)")
     task = load_task_for(replace(cfg, dev_shots=dev_shots))
     if cfg.demos_auto:
@@ -62,20 +63,21 @@ def replay_dev_shots(storage, name: str, dev_shots: int, backend=None) -> dict:
     site = backend.prompt_site() if cfg.depth != "input" else None
     space = make_prompt_space(cfg, task, init, backend.info(), site)
 
+    trials = sorted({e.trial_number for e in dev})
+    rows = {n: storage.trial(row.id, n) for n in trials if n != START}      # each read once
+
     def z_of(n: int) -> np.ndarray:
         if n == START:
             return space.initial()
-        t = storage.trial(row.id, n)
-        if not t.z:
+        if not rows[n].z:
             raise StudyError(f"trial {n} of study {name!r} was compacted before bbpt kept the z of prompts "
                              "scored on dev: its selection cannot be replayed")
-        return np.frombuffer(t.z, dtype="<f4").astype(np.float64)
+        return z_from_bytes(rows[n].z)
 
-    trials = sorted({e.trial_number for e in dev})
     # each prompt's own label bias, fitted on train when it was scored (the loop's dev check used the same);
     # P0's, fitted for its keep_start check, is stored with that evaluation
     biases = [next(e.metrics.get("bias") for e in dev if e.trial_number == n) if n == START
-              else storage.trial(row.id, n).metrics.get("bias") for n in trials]
+              else rows[n].metrics.get("bias") for n in trials]
     batch = backend.encode(task.dev, task.template, task.label_words)
     y_dev = np.array([e.label for e in task.dev])
     ms, _ = evaluate_many(backend, space.decode(np.stack([z_of(n) for n in trials])), batch, y_dev,
@@ -96,7 +98,7 @@ def replay_dev_shots(storage, name: str, dev_shots: int, backend=None) -> dict:
                                   np.array([e.label for e in task.test]), task.num_classes,
                                   biases[trials.index(n)])
     small = {e.trial_number: e.metrics[metric] for e in dev}
-    return dict(study=name, metric=metric, dev_shots=[cfg.dev_shots or cfg.shots, dev_shots],
+    return dict(study=name, metric=metric, dev_shots=[own, dev_shots],
                 dev_examples=len(task.dev), prompts=len(trials),
                 stored=dict(trial=stored.trial_number, dev=stored.metrics[metric],
                             test=tests.get(stored.trial_number, {}).get(metric)),

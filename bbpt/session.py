@@ -169,6 +169,11 @@ def _with_bias(m: dict, bias) -> dict:
     return m if bias is None else {**m, "bias": bias_list(bias)}
 
 
+def z_from_bytes(blob: bytes) -> np.ndarray:
+    """A trial's stored parameter vector (float32 on disk) as the float64 the spaces decode."""
+    return np.frombuffer(blob, dtype="<f4").astype(np.float64)
+
+
 class Session:
     """Opened in order of cost: the settings alone, then the data, the backend, the prompt space and the optimizer;
     the study row is written last, so whatever fails on the way leaves the database as it was."""
@@ -292,7 +297,7 @@ class Session:
         if not row.z:
             raise StudyError(f"trial {number} of study {self.name!r} was compacted (`bbpt studies compact`): its "
                              "parameters are gone; run the study under a new name to search again")
-        return np.frombuffer(row.z, dtype="<f4").astype(np.float64)
+        return z_from_bytes(row.z)
 
     def progress_bar(self, total: int, initial: int, enabled: bool):
         from tqdm.auto import tqdm
