@@ -173,6 +173,23 @@ def test_report_has_a_row_per_arm_and_is_rebuilt_identically(finished, capsys):
     assert all(f"{name} " in listing for name in STUDIES) and listing.count("complete") == len(STUDIES)
 
 
+def test_report_reads_a_committed_database_without_changing_a_byte(finished, tmp_path):
+    # Committed study files are kept in SQLite's rollback-journal mode; a read-write open would switch them to
+    # WAL (two header bytes), so rebuilding a report would dirty the committed database.
+    db = tmp_path / "committed.db"
+    con = sqlite3.connect(db)
+    src = sqlite3.connect(finished.url.split("///", 1)[1])
+    src.backup(con)
+    src.close()
+    assert con.execute("PRAGMA journal_mode=DELETE").fetchone()[0] == "delete"
+    con.close()
+    before = db.read_bytes()
+    assert main(["-q", "study", "report", str(finished.spec), "--storage", f"sqlite:///{db}",
+                 "--out", str(tmp_path / "report" / "tiny.md")]) == 0
+    assert "| manual |" in (tmp_path / "report" / "tiny.md").read_text()
+    assert db.read_bytes() == before
+
+
 def test_time_left_goes_by_complete_studies_of_the_same_task_and_arm(tmp_path, tiny_model_dir):
     from bbpt.studyspec.runner import Status, time_left
 

@@ -34,7 +34,9 @@ def write_report(spec: StudySpec, *, storage_url: str | None = None, out: str | 
                  spec_arg: str | None = None) -> Path:
     """Write ``<results>/<spec>.md`` and ``<results>/<spec>-<task>.png``; returns the markdown's path."""
     try:
-        storage = Storage(spec.storage_url(storage_url), create=False)
+        # Read-only: a report only reads, and a read-write open would switch a committed file to WAL mode,
+        # changing its header bytes (a spurious diff in git).
+        storage = Storage(spec.storage_url(storage_url), read_only=True)
     except StorageError as e:
         raise StorageError(f"{e}; for a study spec, run `bbpt study run {spec_arg or spec.path}` first") from None
     out = Path(out) if out else spec.results_dir / f"{spec.name}.md"
