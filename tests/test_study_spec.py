@@ -174,7 +174,7 @@ def test_report_has_a_row_per_arm_and_is_rebuilt_identically(finished, capsys):
 
 
 def test_report_reads_a_committed_database_without_changing_a_byte(finished, tmp_path):
-    # Committed study files are kept in SQLite's rollback-journal mode; a read-write open would switch them to
+    # Older committed study files are in SQLite's rollback-journal mode; a read-write open would switch them to
     # WAL (two header bytes), so rebuilding a report would dirty the committed database.
     db = tmp_path / "committed.db"
     con = sqlite3.connect(db)

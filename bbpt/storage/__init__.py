@@ -8,6 +8,7 @@ study repeats no completed trial and loses none.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -86,9 +87,10 @@ def _sqlite_wal(cur, wait: float = SQLITE_TIMEOUT) -> None:
             time.sleep(random.uniform(0.01, 0.05))
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:
+def _sqlite_pragmas(dbapi_conn, _record, wal: bool = True) -> None:
     cur = dbapi_conn.cursor()
-    _sqlite_wal(cur)
+    if wal:
+        _sqlite_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")    # durable at each checkpoint of the WAL, safe against kill -9
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()
@@ -125,7 +127,10 @@ class Storage:
             raise StorageError(f"cannot open storage {self.url!r}: {e}; use a SQLAlchemy URL such as "
                                "sqlite:///bbpt.db or postgresql://user@host/db") from None
         if sqlite:
-            event.listen(self.engine, "connect", _sqlite_read_only if read_only else _sqlite_pragmas)
+            # Only a storage that may create and run studies switches the file to WAL (for concurrent workers):
+            # commands that read, export or delete leave a committed file's journal mode, and so its bytes, alone.
+            event.listen(self.engine, "connect", _sqlite_read_only if read_only else
+                         functools.partial(_sqlite_pragmas, wal=create))
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._init_schema(create)
 
