@@ -152,10 +152,13 @@ class FaultProxy:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
             up_w.write(("\r\n".join([lines[0], *kept, "Connection: close"]) + "\r\n\r\n").encode("latin-1") + body)
             await up_w.drain()
-            writer.write(await up_r.read())
+            answer = await up_r.read()
             up_w.close()
+            # Count before answering: the client runs in another thread and may read these counters the
+            # moment the answer arrives (CI once saw forwarded == 1 after the second answer came back).
             self.forwarded += 1
             self.bodies.append(body)
+            writer.write(answer)
         try:
             await writer.drain()
         except ConnectionError:
