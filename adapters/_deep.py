@@ -60,16 +60,18 @@ def decoder_layers(model):
 
 
 @contextlib.contextmanager
-def hidden_offsets(layers, offsets, cols):
-    """While open, ``offsets`` ``[B, len(layers), m, D]`` are added to the hidden states entering each of the
-    decoder-layer modules ``layers`` at row b, columns ``cols[b] .. cols[b] + m`` of the forward's new tokens."""
+def hidden_offsets(layers, offsets, cols, rows=None):
+    """While open, ``offsets`` ``[S, len(layers), m, D]`` are added to the hidden states entering each of the
+    decoder-layer modules ``layers`` at columns ``cols[s] .. cols[s] + m`` of the forward's new tokens, in row
+    ``rows[s]`` (row s when ``rows`` is None: one prompt per row; packed segments put several in a row)."""
     import torch
 
     if offsets is None:
         yield
         return
     b, _, m, width = offsets.shape
-    rows = torch.arange(b, device=offsets.device).repeat_interleave(m)
+    which = torch.arange(b) if rows is None else torch.as_tensor(rows)
+    rows = which.to(offsets.device).repeat_interleave(m)
     at = (torch.as_tensor(cols, device=offsets.device)[:, None] + torch.arange(m, device=offsets.device)).reshape(-1)
     handles = []
 

@@ -171,7 +171,7 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, 
     return logprobs, KV(keys, values, mask, mask.sum(-1))
 
 
-def forward_slots(model, rows: list[list], past: KV) -> "torch.Tensor":
+def forward_slots(model, rows: list[list], past: KV, hidden=None) -> "torch.Tensor":
     """Log-probs ``[B, K, V]`` at the last token of each segment, where row b of the batch holds up to K segments
     (each ``[len, D]`` embeddings) that all continue row b of ``past``, each as if it ran alone after it.
 
@@ -182,9 +182,15 @@ def forward_slots(model, rows: list[list], past: KV) -> "torch.Tensor":
     the longest segment, so every row's segment ends share positions and one ``logits_to_keep`` reads them);
     a 4D mask lets a segment see its row's past and itself, causally, and nothing of the other segments; its
     position ids continue from the past's length. Padding sees only itself, so no softmax row is empty.
+
+    ``hidden`` (a deep prompt: decoder-layer modules, offsets ``[S, layers, m, D]`` for the S segments in row
+    order, and where each segment's prompt starts within it) adds each segment's offsets at its prompt's
+    columns before each of those layers, as :func:`forward_last` does for a row of its own.
     """
     import torch
     from transformers import DynamicCache
+
+    from adapters._deep import hidden_offsets
 
     first = next(s for r in rows for s in r)
     dev, dtype = first.device, first.dtype
@@ -194,12 +200,15 @@ def forward_slots(model, rows: list[list], past: KV) -> "torch.Tensor":
     x = first.new_zeros(b, n, first.shape[1])
     real = torch.zeros(b, n, dtype=torch.bool, device=dev)
     positions = torch.zeros(b, n, dtype=torch.long, device=dev)
+    seg_rows, seg_cols = [], []         # where each segment begins in the packed batch
     for i, row in enumerate(rows):
         for j, seg in enumerate(row):
             lo, hi = j * width + width - int(seg.shape[0]), (j + 1) * width
             x[i, lo:hi] = seg
             real[i, lo:hi] = True
             positions[i, lo:hi] = past.lengths[i] + torch.arange(hi - lo, device=dev)
+            seg_rows.append(i)
+            seg_cols.append(lo)
     col = torch.arange(n, device=dev)
     slot = col // width
     own = (slot[:, None] == slot[None, :]) & (col[None, :] <= col[:, None])         # [n, n], causal in a slot
@@ -209,8 +218,13 @@ def forward_slots(model, rows: list[list], past: KV) -> "torch.Tensor":
     mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, torch.finfo(dtype).min)
     cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)), config=model.config)
     ends = torch.arange(k, device=dev) * width + width - 1
-    out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
-                use_cache=True, logits_to_keep=ends)
+    layers, offsets, cols = (), None, None
+    if hidden is not None:
+        layers, offsets, starts = hidden
+        cols = [c + st for c, st in zip(seg_cols, starts)]
+    with hidden_offsets(layers, offsets, cols, rows=seg_rows):
+        out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
+                    use_cache=True, logits_to_keep=ends)
     return torch.log_softmax(out.logits.float(), dim=-1)
 
 

@@ -645,8 +645,8 @@ class HFBackend:
         own = [0 if kept is None else len(b) - kept for b in batch.before]
         new_lens = [own[j] + m + len(a) for j, a in enumerate(batch.after)]
         past_lens = [len(b) - own[j] for j, b in enumerate(batch.before)]
-        if self._hidden is None and batch.targets is None and self._slots_ok():
-            return self._infix_slots(prompts, batch, embeds, kv, new_lens, past_lens)
+        if batch.targets is None and self._slots_ok():
+            return self._infix_slots(prompts, batch, embeds, kv, new_lens, past_lens, own)
         order = sorted(range(batch.n), key=lambda j: (new_lens[j], past_lens[j]))
         pairs = [(c, j) for j in order for c in range(pop)]
         rows = []
@@ -657,12 +657,13 @@ class HFBackend:
             rows.append(self._read(seqs, past, batch, chunk, [own[j] for _, j in chunk]))
         return self._scatter(torch.cat(rows), pairs, pop, batch)
 
-    def _infix_slots(self, prompts, batch: EncodedBatch, embeds, kv: KV | SharedKV, new_lens, past_lens):
+    def _infix_slots(self, prompts, batch: EncodedBatch, embeds, kv: KV | SharedKV, new_lens, past_lens, own):
         """:meth:`_infix_logprobs` with the (candidate, example) sequences that share a past packed as segments
         of one row (:func:`forward_slots`): when only the shared head is kept, rows of many segments after it;
         otherwise a row per example holding its candidates. The same scores, with each past copied once per row
         rather than once per segment (a 10-candidate call on DBpedia after demonstrations: 1.65x faster,
-        benchmarks/packing.py)."""
+        benchmarks/packing.py). A deep prompt's offsets go to each segment's prompt, ``own[j]`` tokens in (the
+        example's text that the kept past does not hold)."""
         torch, pop = self.torch, prompts.shape[0]
         label_ids = torch.tensor(batch.label_ids, device=self.device)
 
@@ -688,7 +689,9 @@ class HFBackend:
             self.stats["forwards"] += 1
             self.stats["computed_tokens"] += sum(lens)
             self.stats["padded_tokens"] += len(segs) * max(map(len, segs)) * max(lens)
-            lp = forward_slots(self.model, segs, past)[..., label_ids]          # [rows, K, C]
+            flat_pairs = [p for r in rows for p in r]
+            hidden = self._deep_rows([c for c, _ in flat_pairs], [own[j] for _, j in flat_pairs])
+            lp = forward_slots(self.model, segs, past, hidden)[..., label_ids]  # [rows, K, C]
             for i, r in enumerate(rows):
                 flat.append(lp[i, :len(r)])
                 done += r

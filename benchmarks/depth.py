@@ -10,8 +10,10 @@ backend's black-box path (``score``) on the default model, in one process, one p
   whole after its candidate's prefix.
 
 Each depth is scored at both placements where it has one (prefix and infix templates; a prefix has only
-prefix), with the same random offsets, after one warm-up population. The ratio to the input layer's seconds per
-call at the same placement is the number issue 18 asks about (goal: deep ≤ 1.3×).
+prefix), and at infix after one demonstration per class (``--demos 1``, what ``--demos auto`` picks on most
+tasks), with the same random offsets, after one warm-up population. The ratio to the input layer's seconds per
+call at the same placement is the number issue 18 asks about (goal: deep ≤ 1.3×). ``deep, one row each`` scores
+deep with packed segments off (``HFBackend.pack``): how deep calls ran before they were packed (2026-12-06).
 
     python benchmarks/depth.py                        # population 20, 3 populations per mode
     python benchmarks/depth.py --json > benchmarks/results/depth-2cpu-DATE.json
@@ -40,15 +42,20 @@ def main() -> None:
     from adapters.hf import HFBackend
     from bbpt.prompt import PromptInit
     from bbpt.tasks import load_task
+    from bbpt.tasks.demos import with_demos
 
     backend = HFBackend("smollm2-135m", device="cpu")
     rows = []
-    for placement in ("prefix", "infix"):
-        task = load_task(task="sst2", shots=16, seed=0, prompt_position=placement)
+    for placement in ("prefix", "infix", "infix + demos"):
+        task = load_task(task="sst2", shots=16, seed=0, prompt_position=placement.split()[0])
+        if placement.endswith("demos"):
+            task = with_demos(task, 1, seed=0)
         batch = backend.encode(task.train, task.template, task.label_words)
-        for depth in ("input", "deep", "prefix"):
-            if depth == "prefix" and placement == "infix":
+        for mode in ("input", "deep", "deep, one row each", "prefix"):
+            depth = mode.split(",")[0]
+            if depth == "prefix" and placement != "prefix":
                 continue
+            backend.pack = mode != "deep, one row each"
             backend.set_init(PromptInit("text", args.tokens, text=task.init_text, depth=depth))
             shape = backend.prompt_site().shape
             rng = np.random.default_rng(0)
@@ -62,7 +69,7 @@ def main() -> None:
                 t = time.perf_counter()
                 backend.score(deltas, batch)
                 secs.append(time.perf_counter() - t)
-            rows.append(dict(placement=placement, depth=depth, blocks=shape[0] if depth != "input" else 1,
+            rows.append(dict(placement=placement, depth=mode, blocks=shape[0] if depth != "input" else 1,
                              seconds_per_call=round(float(np.median(secs)) / args.pop, 4)))
     for r in rows:
         base = next(x for x in rows if x["placement"] == r["placement"] and x["depth"] == "input")
@@ -73,7 +80,7 @@ def main() -> None:
         print(json.dumps(out, indent=2))
         return
     for r in rows:
-        print(f"{r['placement']:>6} {r['depth']:>6}: {r['seconds_per_call']:.3f} s/call ({r['vs_input']:.2f}x input)")
+        print(f"{r['placement']:>13} {r['depth']:>18}: {r['seconds_per_call']:.3f} s/call ({r['vs_input']:.2f}x input)")
 
 
 if __name__ == "__main__":

@@ -376,19 +376,22 @@ def test_no_prompt_after_demonstrations_reuses_the_kept_head_and_scores_as_uncac
     assert b.stats["computed_tokens"] - before["computed_tokens"] == sum(len(a) for a in batch.after)
 
 
+@pytest.mark.parametrize("depth", ["input", "deep"])
 @pytest.mark.parametrize("kept", ["whole rows", "head and tails", "head alone"])
-def test_candidates_sharing_a_past_run_packed_in_one_row_with_the_scores_of_a_row_each(backend, kept):
+def test_candidates_sharing_a_past_run_packed_in_one_row_with_the_scores_of_a_row_each(backend, kept, depth):
     # forward_slots: a row per example holding all its candidates (or, after a shared head alone, many
     # examples' segments in one row), each segment masked from the others, positions continuing its past.
+    # A deep prompt's offsets must land on each segment's own prompt: packed, its scores are a row's each.
     b = backend
-    b.set_init(PromptInit("vocab", 3))
+    b.set_init(PromptInit("vocab", 3, depth=depth))
+    shape = b.prompt_site().shape
     first = b.encode(examples()[:1], Template(DEMOS), LABELS)
-    b.score(deltas(b), first)                                              # learns a token's bytes
+    b.score(np.zeros((1, *shape), np.float32), first)                      # learns a token's bytes
     batch = b.encode(examples(), Template(DEMOS), LABELS)
     h, width = hf.common_head(batch.before), max(len(x) for x in batch.before)
     b.kv_cache_bytes = {"whole rows": 10**10, "head and tails": len(TEXTS) * width * b._kv_token_bytes - 1,
                         "head alone": (h + 2) * b._kv_token_bytes}[kept]
-    d = deltas(b, pop=5)
+    d = np.random.default_rng(0).normal(scale=0.3, size=(5, *shape)).astype(np.float32)
     b.pack = False
     ref = b.score(d, batch).logprobs
     rows_each = b.stats["forwards"]
