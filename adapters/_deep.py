@@ -93,6 +93,16 @@ def hidden_offsets(layers, offsets, cols, rows=None):
             h.remove()
 
 
+def offsets_for(hidden, begins, rows=None):
+    """:func:`hidden_offsets` for a forward's ``hidden`` argument (decoder-layer modules, offsets, and where
+    each prompt starts within its sequence), with sequence s beginning at column ``begins[s]`` of the forward's
+    new tokens (padding moves it); a no-op context when ``hidden`` is None."""
+    if hidden is None:
+        return contextlib.nullcontext()
+    layers, offsets, starts = hidden
+    return hidden_offsets(layers, offsets, [b + st for b, st in zip(begins, starts)], rows)
+
+
 def robust_std(x) -> float:
     """The spread of ``x`` as 1.4826 × its median absolute deviation: a standard deviation that the few huge
     activations of some hidden dimensions (LLMs' "massive activations") do not inflate."""

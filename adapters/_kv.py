@@ -128,7 +128,7 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, 
     import torch
     from transformers import DynamicCache
 
-    from adapters._deep import hidden_offsets
+    from adapters._deep import offsets_for
 
     longest = max(s.shape[0] for s in seqs)
     x = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[1])
@@ -143,11 +143,7 @@ def forward_last(model, seqs: list, past: KV | None = None, keep: bool = False, 
         positions = positions + past.lengths[:, None]
         cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)), config=model.config)
     tail = 1 if targets is None else max(len(t) for t in targets) + 1
-    layers, offsets, cols = (), None, None
-    if hidden is not None:
-        layers, offsets, starts = hidden
-        cols = [longest - s.shape[0] + st for s, st in zip(seqs, starts)]     # left padding moves each row
-    with hidden_offsets(layers, offsets, cols):
+    with offsets_for(hidden, [longest - s.shape[0] for s in seqs]):          # left padding moves each row
         out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
                     use_cache=keep or cache is not None, logits_to_keep=tail)
     if targets is None:
@@ -190,7 +186,7 @@ def forward_slots(model, rows: list[list], past: KV, hidden=None) -> "torch.Tens
     import torch
     from transformers import DynamicCache
 
-    from adapters._deep import hidden_offsets
+    from adapters._deep import offsets_for
 
     first = next(s for r in rows for s in r)
     dev, dtype = first.device, first.dtype
@@ -218,11 +214,7 @@ def forward_slots(model, rows: list[list], past: KV, hidden=None) -> "torch.Tens
     mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, torch.finfo(dtype).min)
     cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)), config=model.config)
     ends = torch.arange(k, device=dev) * width + width - 1
-    layers, offsets, cols = (), None, None
-    if hidden is not None:
-        layers, offsets, starts = hidden
-        cols = [c + st for c, st in zip(seg_cols, starts)]
-    with hidden_offsets(layers, offsets, cols, rows=seg_rows):
+    with offsets_for(hidden, seg_cols, rows=seg_rows):
         out = model(inputs_embeds=x, attention_mask=mask, position_ids=positions, **{cache_arg(model): cache},
                     use_cache=True, logits_to_keep=ends)
     return torch.log_softmax(out.logits.float(), dim=-1)
