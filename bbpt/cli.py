@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="infix: the prompt follows the input, before the answer cue, so each input is encoded once "
                    "per study and derivative-free calls are ~3x cheaper; suffix: the prompt follows the answer cue "
                    "too, so a call recomputes only the prompt's m tokens (cheapest where the cue is long); prefix: the prompt leads (PEFT's placement, "
-                   "needed by export --format peft); auto (default): where the template's {prompt} is, else infix "
-                   "for soft prompts searched derivative-free and prefix for backprop and text prompts")
+                   "needed by export --format peft); auto (default): where the template's {prompt} is; else, for a soft "
+                   "prompt searched derivative-free, prefix where the inputs are short enough that leading costs a "
+                   "call at most 2.2x the text (SST-2) and infix otherwise; prefix for backprop and text prompts")
     g.add_argument("--depth", choices=("input", "deep", "prefix"), default="input",
                    help="where the prompt enters: input (joined to the input embeddings: prompt tuning); deep (also "
                    "an offset on the hidden states at the prompt's positions before each of --layers, as BBTv2); "

@@ -112,6 +112,7 @@ def _saved_task_and_backend(args):
     from adapters.hf import HFBackend
     from bbpt.prompt import SavedPrompt, TextPrompts
     from bbpt.session import open_backend
+    from bbpt.tasks import Template
 
     saved = SavedPrompt.load(args.prompt)
     meta = saved.meta
@@ -121,7 +122,7 @@ def _saved_task_and_backend(args):
     if override:
         cfg = _config_from_args(args)
         if not cfg.template:    # the prompt sits where it was tuned (the saved template places it, or it leads)
-            cfg.template, cfg.prompt_position = meta["template"], tuned.prompt_position
+            cfg.template, cfg.prompt_position = meta["template"], Template(meta["template"]).placement
         cfg.labels = cfg.labels or meta["label_words"]
     if saved.text is not None:      # a discrete prompt: text, scored by any backend that takes text
         for k in TEXT_BACKEND_KEYS:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from bbpt.errors import ConfigError
 
-CONFIG_VERSION = 5
+CONFIG_VERSION = 6
 # What a key added since version 1 meant before it existed: a stored version-1 config resumes and re-runs
 # exactly as it was run (its studies had no calibration).
 V1_MEANING = {"calibration": "none"}
@@ -21,6 +21,9 @@ V3_MEANING = {"auto": "auto:train"}
 # Until version 4 a study without the flags searched with CMA-ES and no demonstrations; version 5's defaults are
 # bbpt's black-box recipe, resolved per task (:meth:`StudyConfig.resolved`). A stored config names both, resolved.
 V4_MEANING = {"optimizer": "cma", "demos": 0}
+# Until version 6 ``prompt_position = "auto"`` put a soft prompt searched without gradients after the input on
+# every task; since, it leads short inputs (bbpt/tasks/placement.py). Stored configs hold the resolved position
+# ("infix") up to version 5 and "auto" from 6, so nothing stored needs a new meaning.
 # The values of ``demos`` that choose between no demonstrations and one per class before the search, and the
 # splits each reads P0's loss on (bbpt/demos_choice.py).
 AUTO_DEMOS = {"auto": ("train", "dev"), "auto:train": ("train",)}
@@ -65,11 +68,13 @@ class StudyConfig:
     max_tokens_total: int | None = None # stop before a generation would spend more tokens than this
     # the prompt and its search space
     prompt_tokens: int = 10
-    # prefix, infix, or auto: where the template's {prompt} is when it has one; else infix for a soft prompt
-    # searched derivative-free (its calls reuse each input's keys/values, encoded once per study, so a call is
-    # ~3x cheaper; on AG News, seed 0, CMA-ES at 120 calls went from 56.0 to 70.0 % test), and prefix for
-    # backprop (no reuse, PEFT's placement so its prompts export to PEFT; infix helped it on AG News, 74.2 ->
-    # 81.2 %, and hurt it on SST-2, 75.4 %) and for text prompts. Stored resolved.
+    # prefix, infix, or auto: where the template's {prompt} is when it has one; else, for a soft prompt searched
+    # derivative-free, "auto" stays in the config and the task's inputs decide when it is loaded: infix (its calls
+    # reuse each input's keys/values, encoded once per study, so a call is ~3x cheaper on long inputs; on AG News,
+    # seed 0, CMA-ES at 120 calls went from 56.0 to 70.0 % test), or prefix where leading costs little more
+    # (short inputs: bbpt/tasks/placement.py); prefix for backprop (no reuse, PEFT's placement so its prompts
+    # export to PEFT; infix helped it on AG News, 74.2 -> 81.2 %, and hurt it on SST-2, 75.4 %) and for text
+    # prompts. Stored resolved, except the soft black-box "auto".
     prompt_position: str | None = "auto"
     init: str = "task"
     # solved train examples per class written before every input (the icl arm's template), so the search starts
@@ -144,7 +149,7 @@ class StudyConfig:
             (math.isfinite(self.lr) and self.lr > 0, "lr", "a positive number"),
             (self.eval_every >= 1, "eval_every", "at least 1 call"),
             (self.space in SPACES, "space", " or ".join(SPACES)),
-            (self.prompt_position in ("prefix", "infix", "suffix", None), "prompt_position",
+            (self.prompt_position in ("prefix", "infix", "suffix", "auto", None), "prompt_position",
              "prefix, infix, suffix or auto"),
             (self.loss in LOSSES, "loss", f"one of {LOSSES}"),
             (self.dev_ties in DEV_TIES, "dev_ties", " or ".join(DEV_TIES)),
@@ -219,15 +224,17 @@ class StudyConfig:
         return isinstance(self.demos, str) and self.demos in AUTO_DEMOS
 
     def _placement(self) -> str | None:
-        """The prompt's position, resolved: None only where the template places ``{prompt}`` itself (it
-        wins), and a prompt the template does not place leads (prefix) unless ``auto`` puts a soft prompt
-        searched derivative-free after the input. Old configs' None (as written, else prefix) reads as prefix."""
+        """The prompt's position, resolved as far as the settings alone can: None only where the template places
+        ``{prompt}`` itself (it wins), and a prompt the template does not place leads (prefix), except that
+        ``auto`` for a soft prompt searched derivative-free stays ``auto``: the task's inputs choose between
+        leading and following them when it is loaded (:func:`bbpt.tasks.placement.auto_position`). Old configs'
+        None (as written, else prefix) reads as prefix."""
         pos, placed = self.prompt_position, "{prompt}" in (self.template or "")
         if pos == "auto" and self.depth == "prefix":
             return None if placed else "prefix"
         if pos == "auto":
             soft_black_box = self.space == "projected" and self.optimizer != "backprop"
-            return None if placed else ("infix" if soft_black_box else "prefix")
+            return None if placed else ("auto" if soft_black_box else "prefix")
         if pos is None and not placed:
             return "prefix"
         return pos

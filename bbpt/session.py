@@ -61,13 +61,17 @@ def check_schedule(cfg: StudyConfig, site) -> None:
 
 def load_task_for(cfg: StudyConfig) -> Task:
     from bbpt.tasks.demos import with_demos
+    from bbpt.tasks.placement import auto_position
 
     cfg = resolve_recipe(cfg)
+    auto = cfg.prompt_position == "auto"
     task = load_task(task=cfg.task if not cfg.data else None, data=cfg.data, test_data=cfg.test_data,
                      template=cfg.template, labels=cfg.labels, label_names=cfg.label_names,
                      text_field=cfg.text_field, text_pair_field=cfg.text_pair_field, label_field=cfg.label_field,
-                     shots=cfg.shots, seed=cfg.seed, max_test=cfg.max_test, prompt_position=cfg.prompt_position,
-                     dev_shots=cfg.dev_shots)
+                     shots=cfg.shots, seed=cfg.seed, max_test=cfg.max_test,
+                     prompt_position=None if auto else cfg.prompt_position, dev_shots=cfg.dev_shots)
+    if auto:        # the training inputs decide (the same ones every time the study is opened)
+        task.template = task.template.at(auto_position(task.template, task.train, cfg.prompt_tokens))
     return with_demos(task, 0 if cfg.demos_auto else cfg.demos, cfg.seed)    # auto: the Session chooses
 
 
@@ -198,6 +202,9 @@ class Session:
             log.warning("--budget %d is not a multiple of --popsize %d: the study stops after %d calls",
                         cfg.budget, cfg.popsize, cfg.budget - cfg.budget % cfg.popsize)
         self.task = load_task_for(cfg)
+        if cfg.prompt_position == "auto":
+            log.info("--prompt-position auto: the prompt %s the input (bbpt/tasks/placement.py)",
+                     "leads" if self.task.template.placement == "prefix" else "follows")
         check_task(cfg, self.task)
         self.backend = backend if backend is not None else open_backend(cfg, api_key)
         self.info = self.backend.info()
@@ -367,6 +374,8 @@ class Session:
                 summary[f"baseline_test_{key}"] = by[(None, "test")].get(key)
                 summary[f"test_{key}"] = by[(sel, "test")][key]
                 summary[f"dev_{key}"] = by[(sel, "dev")].get(key)
+        if cfg.prompt_position == "auto":       # where the inputs put the prompt (bbpt/tasks/placement.py)
+            summary["placement"] = self.task.template.placement
         if cfg.demos_auto:         # what auto chose, and the calls that chose it
             from bbpt.demos_choice import choice_calls, stored_choice
 

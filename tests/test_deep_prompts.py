@@ -131,7 +131,7 @@ def test_settings_that_cannot_work_are_refused_before_anything_runs():
         StudyConfig(depth="prefix", prompt_position="suffix")
     assert StudyConfig(depth="deep", prompt_position="suffix").prompt_position == "suffix"
     assert StudyConfig(depth="prefix").prompt_position == "prefix"     # auto: a prefix leads
-    assert StudyConfig(depth="deep").prompt_position == "infix"
+    assert StudyConfig(depth="deep").prompt_position == "auto"         # the inputs decide when loaded
     with pytest.raises(ConfigError, match="--depth"):
         StudyConfig(depth="deep", space="discrete")
     with pytest.raises(ConfigError, match="--schedule"):

@@ -14,8 +14,9 @@ from bbpt.session import load_task_for
 
 
 def test_demos_are_train_examples_written_before_the_query_with_the_prompt_in_its_place():
-    cfg = StudyConfig(task="sst2", shots=4, seed=3, demos=1, optimizer="cma")
-    task, plain = load_task_for(cfg), load_task_for(StudyConfig(task="sst2", shots=4, seed=3, optimizer="cma"))
+    cfg = StudyConfig(task="sst2", shots=4, seed=3, demos=1, optimizer="cma", prompt_position="infix")
+    task, plain = load_task_for(cfg), load_task_for(StudyConfig(task="sst2", shots=4, seed=3, optimizer="cma",
+                                                                prompt_position="infix"))
     src = task.template.source
     # one demonstration per class, each a train text followed by its label word, then the query's template
     assert src.endswith(plain.template.source) and src.count("{prompt}") == 1
@@ -36,7 +37,9 @@ def test_a_prompt_tuned_with_demos_saves_them_and_scores_the_same_in_eval(tiny_m
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     saved = SavedPrompt.load(summary["prompt_path"])
-    task = load_task_for(StudyConfig(task="sst2", shots=4, seed=0, demos=1, optimizer="cma", max_test=16))
+    # the run's settings, --prompt-tokens included: with --prompt-position auto they decide where the prompt goes
+    task = load_task_for(StudyConfig(task="sst2", shots=4, seed=0, demos=1, optimizer="cma", max_test=16,
+                                     prompt_tokens=3))
     assert saved.meta["template"] == task.template.source
     assert main(["-q", "eval", "--prompt", summary["prompt_path"], "--split", "test", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == pytest.approx(summary["test"])
@@ -77,7 +80,7 @@ def test_demos_auto_starts_from_the_template_with_the_lower_p0_loss_on_the_examp
     # Each loss is P0's (no offset: the tiny backend holds the same P0), calibrated as the study would (a bias
     # fitted on the 6 training examples that neither template shows as a demonstration), over those 6 and, for
     # auto, the 8 dev examples too, each example weighing the same.
-    plain = load_task_for(StudyConfig(task="sst2", shots=4, seed=0, optimizer="cma", max_test=8))
+    plain = load_task_for(StudyConfig(task="sst2", shots=4, seed=0, optimizer="cma", max_test=8, prompt_tokens=3))
     shown = {id(ex) for ex in pick_demos(plain, 1, 0)}
     held = [i for i, ex in enumerate(plain.train) if id(ex) not in shown]
     y = np.array([ex.label for ex in plain.train])[held]

@@ -70,7 +70,8 @@ def test_bbpt_optimize_with_no_optimizer_runs_the_recipe_and_stores_it_resolved(
     first = json.loads(capsys.readouterr().out)
     assert first["optimizer"] == "gn" and first["demos"] in (0, 1) and first["demos_choice_calls"] == 4
     stored = Storage(storage_url).require_study("s").config
-    assert (stored["optimizer"], stored["demos"], stored["version"]) == ("gn", "auto", 5)
+    assert (stored["optimizer"], stored["demos"], stored["version"]) == ("gn", "auto", 6)
+    assert stored["prompt_position"] == "auto" and first["placement"] in ("prefix", "infix")
     # The same command resumes it (a larger budget): the stored, resolved config is what it compares against.
     assert main([*args, "--budget", "12"]) == 0
     again = json.loads(capsys.readouterr().out)
