@@ -12,7 +12,7 @@ import logging
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from bbpt.config import StudyConfig
 from bbpt.errors import ConfigError, ObjectiveError, OptimizerError, StudyError
@@ -130,7 +130,7 @@ def run_spec(spec: StudySpec, *, storage_url: str | None = None, progress: bool 
             if _finished(s):
                 lease.release("done")
                 continue
-            if not _run_claimed(s, storage, lease, backends, spec.runs_dir, progress, tag):
+            if not _run_claimed(s, storage, lease, backends, spec.runs_dir, progress, tag, spec.full_plan):
                 failed.append(s.study.name)
         if not ran:         # everything left is held by live workers: wait, to take over any that dies
             held = ", ".join(sorted(r.worker for r in rows.values() if r.worker))
@@ -153,9 +153,10 @@ def _refuse_stale(plan: list[Status], url: str) -> None:
 
 
 def _run_claimed(s: Status, storage: Storage, lease, backends: dict, runs_dir: str, progress: bool,
-                 tag: str) -> bool:
+                 tag: str, plan: list[Planned]) -> bool:
     """Run one claimed study to its end under its lease; False if it failed. The lease is released at the
-    end whatever happens: done, failed, or pending again (interrupted, or an error that is not the study's)."""
+    end whatever happens: done, failed, or pending again (interrupted, or an error that is not the study's).
+    ``plan`` is the whole spec's, where a time limit relative to another arm finds that arm's studies."""
     from bbpt.storage.work import LeaseLost
 
     p, cfg = s.study, s.study.config
@@ -169,6 +170,13 @@ def _run_claimed(s: Status, storage: Storage, lease, backends: dict, runs_dir: s
 
                 backends[key] = open_backend(cfg, os.environ.get("BBPT_API_KEY"))
             backend = backends[key]
+            if p.relative_seconds is not None:
+                try:
+                    p = _timed(p, plan, storage, backend)
+                except StudyError as e:     # nothing written for it; the spec's other studies go on
+                    log.error("%s refused: %s", tag, e)
+                    lease.release("failed")
+                    return False
             start, before = time.perf_counter(), _scoring_seconds(storage, p)
             try:
                 summary = _run_one(p, fenced, backend, runs_dir, progress)
@@ -188,6 +196,17 @@ def _run_claimed(s: Status, storage: Storage, lease, backends: dict, runs_dir: s
         return False
     log.info("%s: dev %.4f, test %.4f (%s)", tag, summary["dev"], summary["test"], summary["metric"])
     return True
+
+
+def _timed(p: Planned, plan: list[Planned], storage: Storage, backend) -> Planned:
+    """``p`` with max_seconds read from its reference arm's studies on this machine (bbpt.studyspec.timing)."""
+    from bbpt.studyspec.timing import resolve
+
+    cfg, seen = resolve(p, plan, storage, machine(backend))
+    log.info("%s: max_seconds = %s on this machine: %g x %.1f s (median of %d %s studies here) = %.1f s", p.name,
+             p.relative_seconds, p.relative_seconds.factor, cfg.max_seconds / p.relative_seconds.factor, len(seen),
+             p.relative_seconds.arm, cfg.max_seconds)
+    return replace(p, config=cfg)
 
 
 def run_worker(storage_url: str | None = None, *, progress: bool = True, until_empty: bool = False,
@@ -212,7 +231,7 @@ def run_worker(storage_url: str | None = None, *, progress: bool = True, until_e
             continue
         row, lease = got
         try:
-            planned, runs_dir = _queued(row)
+            planned, runs_dir, plan = _queued(row)
             [s] = statuses([planned], storage)
             _refuse_stale([s], storage.url)
         except (ConfigError, StudyError) as e:
@@ -223,24 +242,25 @@ def run_worker(storage_url: str | None = None, *, progress: bool = True, until_e
         if _finished(s):
             lease.release("done")
             continue
-        if not _run_claimed(s, storage, lease, backends, runs_dir, progress, row.name):
+        if not _run_claimed(s, storage, lease, backends, runs_dir, progress, row.name, plan):
             failed.append(row.name)
 
 
-def _queued(row) -> tuple[Planned, str]:
-    """The study a work row describes, and where its prompt is saved: one of a spec's (rebuilt from the spec's
-    text), or a single `bbpt optimize --queue` study (its config)."""
+def _queued(row) -> tuple[Planned, str, list[Planned]]:
+    """The study a work row describes, where its prompt is saved, and the plan it belongs to: one of a spec's
+    (rebuilt from the spec's text), or a single `bbpt optimize --queue` study (its config; a plan of one)."""
     from bbpt.studyspec.spec import Arm, spec_from_text
 
     if row.config is not None:
         cfg = StudyConfig.from_dict(row.config["study"])
         arm = Arm(name="optimize", optimizer=cfg.optimizer, settings={})
-        return Planned(row.name, cfg.task or str(cfg.data), arm, cfg.seed, cfg), row.config["runs_dir"]
+        planned = Planned(row.name, cfg.task or str(cfg.data), arm, cfg.seed, cfg)
+        return planned, row.config["runs_dir"], [planned]
     spec = spec_from_text(row.spec_text, row.spec_path)
     planned = next((p for p in spec.plan if p.name == row.name), None)
     if planned is None:
         raise StudyError(f"queued study {row.name!r} is not in its spec {row.spec_path!r} any more")
-    return planned, spec.runs_dir
+    return planned, spec.runs_dir, spec.plan
 
 
 def queue_spec(spec: StudySpec, storage_url: str | None = None) -> tuple[int, int]:

@@ -6,7 +6,9 @@ names an optimizer and overrides any of those settings; a ``[task_settings.<task
 one task's studies (e.g. fewer shots where a task has many classes). A key set both by an arm and by a task is
 an error: which of the two should win is a question only the spec's author can answer. An arm's own
 ``[arms.task_settings.<task>]`` table overrides its settings for one task (e.g. a black-box budget sized to each
-task's cost); being the most specific, it wins over everything else. Two arms tune
+task's cost); being the most specific, it wins over everything else. An arm (or its per-task table) may give
+``max_seconds`` relative to another arm's time on the machine that runs it, ``max_seconds = "2x backprop"``
+(see :mod:`bbpt.studyspec.timing`), so "twice backprop's time" holds on whichever host a study lands. Two arms tune
 nothing: ``manual`` scores the task's manual prompt, ``icl`` the same prompt after in-context demonstrations
 drawn from the train split.
 
@@ -33,6 +35,9 @@ else:  # Python 3.10: the same parser, from PyPI
 from bbpt.config import StudyConfig, resolve_recipe
 from bbpt.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from bbpt.studyspec.timing import RelativeSeconds
+
 BASELINES = ("manual", "icl")
 # StudyConfig fields a spec does not set: task and seed come from `tasks` and `seeds`, each arm names its own
 # optimizer, and the data-file fields describe user files (specs run built-in tasks, whose templates are fixed).
@@ -54,9 +59,16 @@ class Arm:
     settings: dict                       # StudyConfig overrides of this arm (as written)
     demos_per_class: int = 1             # icl only
     task_settings: dict = field(default_factory=dict)   # task -> this arm's overrides for that task only
+    # max_seconds given as "<factor>x <arm>": the arm's own (key None) and per task; resolved when a study runs
+    relative_seconds: dict = field(default_factory=dict)
 
     def settings_for(self, task: str) -> dict:
         return {**self.settings, **self.task_settings.get(task, {})}
+
+    def relative_seconds_for(self, task: str) -> "RelativeSeconds | None":
+        if "max_seconds" in self.task_settings.get(task, {}):     # a number for this task wins over the arm's rule
+            return None
+        return self.relative_seconds.get(task, self.relative_seconds.get(None))
 
     @property
     def tuned(self) -> bool:
@@ -73,6 +85,7 @@ class Planned:
     arm: Arm
     seed: int
     config: StudyConfig
+    relative_seconds: "RelativeSeconds | None" = None   # config.max_seconds is set from it when the study runs
 
 
 @dataclass
@@ -122,6 +135,11 @@ class StudySpec:
         plan = [p for p in self.plan if (not arms or p.arm.name in arms) and (not seeds or p.seed in seeds)
                 and (not tasks or p.task in tasks)]
         return dataclasses.replace(self, plan=plan)
+
+    @property
+    def full_plan(self) -> list[Planned]:
+        """Every study of the spec, whatever ``only`` cut: a relative time limit reads the other arms' studies."""
+        return _plan(self)
 
 
 def study_name(spec: str, task: str, arm: str, seed: int) -> str:
@@ -201,12 +219,42 @@ def _arms(raw_arms, path: Path, tasks: list[str]) -> list[Arm]:
         demos = a.get("demos_per_class", 1)
         if isinstance(demos, bool) or not isinstance(demos, int) or demos < 1:
             raise ConfigError(f"{where}: demos_per_class = {demos!r} should be an integer of at least 1")
+        relative = {}
+        a = _take_relative_seconds(a, None, relative, where)
+        raw_tasks = a.get("task_settings", {})
+        if isinstance(raw_tasks, dict):
+            raw_tasks = {t: _take_relative_seconds(v, t, relative, f"{where} [arms.task_settings.{t}]")
+                         for t, v in raw_tasks.items()}
         settings = {k: _typed(k, v, where) for k, v in a.items() if k in SETTINGS}
-        per_task = _arm_task_settings(a.get("task_settings", {}), tasks, allowed - {"name", "optimizer", "demos_per_class"},
-                                      where)
+        per_task = _arm_task_settings(raw_tasks, tasks, allowed - {"name", "optimizer", "demos_per_class"}, where)
         arms.append(Arm(name=a["name"], optimizer=opt, settings=settings, demos_per_class=demos,
-                        task_settings=per_task))
+                        task_settings=per_task, relative_seconds=relative))
+    _check_relative_seconds(arms, path)
     return arms
+
+
+def _take_relative_seconds(table, task: str | None, into: dict, where: str):
+    """``table`` without a relative ``max_seconds`` ("2x backprop"), which goes into ``into[task]``."""
+    if not isinstance(table, dict) or not isinstance(table.get("max_seconds"), str):
+        return table
+    from bbpt.studyspec.timing import parse_relative
+
+    into[task] = parse_relative(table["max_seconds"], where)
+    return {k: v for k, v in table.items() if k != "max_seconds"}
+
+
+def _check_relative_seconds(arms: list[Arm], path: Path) -> None:
+    by_name = {a.name: a for a in arms}
+    for arm in arms:
+        for rule in arm.relative_seconds.values():
+            ref = by_name.get(rule.arm)
+            where = f"{path} [[arms]] {arm.name!r}: max_seconds = {str(rule)!r}"
+            if ref is None or not ref.tuned:
+                raise ConfigError(f"{where} names {rule.arm!r}, which is not a tuned arm of this spec; name one of "
+                                  f"{[a.name for a in arms if a.tuned]}")
+            if ref.relative_seconds or ref is arm:
+                raise ConfigError(f"{where}: arm {rule.arm!r} is itself timed relative to an arm; name an arm whose "
+                                  "studies run to their budget, such as a backprop arm")
 
 
 def _per_task(raw, tasks: list[str], allowed: set, where: str, table: str, example: str) -> dict[str, dict]:
@@ -271,7 +319,8 @@ def _plan(spec: StudySpec) -> list[Planned]:
                 if arm.optimizer == "icl" and arm.demos_per_class > cfg.shots:
                     raise ConfigError(f"{where}: demos_per_class = {arm.demos_per_class} but the train split has "
                                       f"only shots = {cfg.shots} examples per class; lower demos_per_class")
-                plan.append(Planned(study_name(spec.name, task, arm.name, seed), task, arm, seed, cfg))
+                plan.append(Planned(study_name(spec.name, task, arm.name, seed), task, arm, seed, cfg,
+                                    arm.relative_seconds_for(task) if arm.tuned else None))
     return plan
 
 
