@@ -92,3 +92,17 @@ def test_no_reference_on_this_machine_refuses_the_study_and_a_twin_arm_times_it(
     assert main(["-q", "study", "run", str(spec), "--no-progress", "--arms", "cma", "--seeds", "0"]) == 0
     here = summary(url, "tiny/sst2/bp_here/seed0")["seconds"]
     assert config(url, "tiny/sst2/cma/seed0")["max_seconds"] == pytest.approx(2 * here, rel=1e-9)   # not 2 x 999
+
+
+def test_the_machine_names_the_cpu_generation_where_the_model_name_does_not(tmp_path):
+    # A cloud host may call its CPU just "AMD EPYC"; family and model tell two generations apart, so a time
+    # limit read on one is not applied on the other.
+    from bbpt.studyspec.runner import cpu_name
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC\nstepping\t: 1\n\nprocessor\t: 1\ncpu family\t: 99\n")
+    assert cpu_name(str(info)) == "AMD EPYC (family 25, model 17, stepping 1)"
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n")    # no such fields (Arm)
+    assert cpu_name(str(info)) and "family" not in cpu_name(str(info))
+    assert cpu_name(str(tmp_path / "missing"))      # no /proc at all (macOS): the platform's name

@@ -303,14 +303,28 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def machine(backend) -> str:
-    """Where the numbers came from: OS, CPU, core count, and the backend's device and thread count."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name, with its family, model and stepping where Linux gives them: a cloud host may name
+    only its vendor ("AMD EPYC"), which covers generations of different speed."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+        with open(cpuinfo) as f:
+            for ln in f:
+                if not ln.strip():
+                    break       # the first processor's block is enough
+                key, _, value = ln.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        cpu += f" (family {fields['cpu family']}, model {fields['model']}, stepping {fields.get('stepping', '?')})"
+    return cpu
+
+
+def machine(backend) -> str:
+    """Where the numbers came from: OS, CPU, core count, and the backend's device and thread count."""
+    cpu = cpu_name()
     extra = getattr(backend.info(), "extra", {}) or {}
     parts = [platform.platform(terse=True), cpu, f"{os.cpu_count()} CPUs"]
     if "device" in extra:
