@@ -65,7 +65,7 @@ def test_max_seconds_is_the_factor_times_the_median_reference_seconds_on_this_ma
         cfg = config(url, f"tiny/sst2/cma/seed{seed}")
         assert cfg["max_seconds"] == pytest.approx(2 * statistics.median(reference), rel=1e-9)
         assert f"tiny/sst2/cma/seed{seed}: max_seconds = 2x bp on this machine" in caplog.text
-        assert f"(median of {seed + 1} bp studies here)" in caplog.text
+        assert f"(the median of {seed + 1} {('study', 'studies')[seed]} with bp's settings here)" in caplog.text
     assert summary(url, "tiny/sst2/cma/seed1")["stopped"] in ("budget", "max_seconds")
 
 

@@ -203,8 +203,9 @@ def _timed(p: Planned, plan: list[Planned], storage: Storage, backend) -> Planne
     from bbpt.studyspec.timing import resolve
 
     cfg, seen = resolve(p, plan, storage, machine(backend))
-    log.info("%s: max_seconds = %s on this machine: %g x %.1f s (median of %d %s studies here) = %.1f s", p.name,
-             p.relative_seconds, p.relative_seconds.factor, cfg.max_seconds / p.relative_seconds.factor, len(seen),
+    log.info("%s: max_seconds = %s on this machine: %g x %.1f s (the median of %d %s with %s's settings here) "
+             "= %.1f s", p.name, p.relative_seconds, p.relative_seconds.factor,
+             cfg.max_seconds / p.relative_seconds.factor, len(seen), "study" if len(seen) == 1 else "studies",
              p.relative_seconds.arm, cfg.max_seconds)
     return replace(p, config=cfg)
 

@@ -44,10 +44,14 @@ def hardware(machine: str) -> str:
     return machine.split("; ", 1)[1] if "; " in machine else machine
 
 
+def _reference(p, plan: list):
+    """The reference arm's planned study of ``p``'s task (its first seed: only the seed differs between them)."""
+    return next(q for q in plan if q.task == p.task and q.arm.name == p.relative_seconds.arm)
+
+
 def reference_seconds(p, plan: list, storage, machine: str) -> list[float]:
     """Search seconds of the complete studies that time ``p``'s reference arm on ``p``'s task on this machine."""
-    rule = p.relative_seconds
-    ref = next(q for q in plan if q.task == p.task and q.arm.name == rule.arm)
+    ref = _reference(p, plan)
     out = []
     for q in plan:
         if q.task != p.task or not q.arm.tuned or replace(q.config, seed=ref.seed) != ref.config:
@@ -66,7 +70,7 @@ def resolve(p, plan: list, storage, machine: str):
     rule = p.relative_seconds
     seen = reference_seconds(p, plan, storage, machine)
     if not seen:
-        ref = next(q for q in plan if q.task == p.task and q.arm.name == rule.arm)
+        ref = _reference(p, plan)
         twins = [q.arm.name for q in plan if q.task == p.task and q.seed == ref.seed and q.arm.tuned
                  and q.arm.name != rule.arm and q.config == ref.config]
         how = (f"`bbpt study run SPEC --arms {twins[0]} --tasks {p.task} --seeds {p.seed}`" if twins else
