@@ -106,6 +106,7 @@ def run_spec(spec: StudySpec, *, storage_url: str | None = None, progress: bool 
     failed: list[str] = []
     started = time.time()
     index = {p.name: i for i, p in enumerate(spec.plan, 1)}
+    whole = spec.full_plan      # built once: a relative time limit reads other arms' studies from it
     for s in first:
         if _finished(s):
             log.info("[%d/%d] %s: complete, skipped", index[s.study.name], len(spec.plan), s.study.name)
@@ -130,7 +131,7 @@ def run_spec(spec: StudySpec, *, storage_url: str | None = None, progress: bool 
             if _finished(s):
                 lease.release("done")
                 continue
-            if not _run_claimed(s, storage, lease, backends, spec.runs_dir, progress, tag, spec.full_plan):
+            if not _run_claimed(s, storage, lease, backends, spec.runs_dir, progress, tag, whole):
                 failed.append(s.study.name)
         if not ran:         # everything left is held by live workers: wait, to take over any that dies
             held = ", ".join(sorted(r.worker for r in rows.values() if r.worker))

@@ -138,7 +138,8 @@ class StudySpec:
 
     @property
     def full_plan(self) -> list[Planned]:
-        """Every study of the spec, whatever ``only`` cut: a relative time limit reads the other arms' studies."""
+        """Every study of the spec, whatever ``only`` cut (rebuilt on each call: read it once); a relative time
+        limit reads the other arms' studies from it."""
         return _plan(self)
 
 
