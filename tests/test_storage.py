@@ -13,6 +13,7 @@ import pytest
 
 from bbpt.cli import main
 from bbpt.storage import Storage
+from bbpt.storage.models import SCHEMA_VERSION
 from study_helpers import copy_db, db_path, dump, finished_db, optimize_args, spawn, trial_rows  # noqa: F401
 
 
@@ -150,6 +151,55 @@ def test_a_study_on_postgresql(postgres_url, tiny_model_dir, tmp_path, capsys):
         assert len(capsys.readouterr().out.splitlines()) == 1 + 12
     finally:
         storage.delete_study(name)
+
+
+def test_workers_opening_a_new_postgresql_database_together_all_see_the_newest_schema(postgres_url, monkeypatch):
+    """CI once saw a worker refused with 'has schema 1, from an older bbpt' on a new server database: it read
+    schema_version before another worker's CREATE committed and the studies table after. Each look here is
+    followed by a pause so that another worker commits in between, which a busy machine does now and then."""
+    import random
+    import threading
+    import time
+
+    import bbpt.storage as storage_module
+    from sqlalchemy import create_engine, make_url, text
+
+    real_inspect = storage_module.inspect
+
+    class SlowInspector:
+        def __init__(self, conn):
+            self.inner = real_inspect(conn)
+
+        def has_table(self, name):
+            found = self.inner.has_table(name)
+            time.sleep(random.uniform(0, 0.3))
+            return found
+
+    monkeypatch.setattr(storage_module, "inspect", SlowInspector)
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    for round_ in range(4):
+        db = f"bbpt_race_{os.getpid()}_{round_}"
+        with admin.connect() as c:
+            c.execute(text(f"CREATE DATABASE {db}"))
+        url = make_url(postgres_url).set(database=db).render_as_string(hide_password=False)
+        results, start = [], threading.Barrier(4)
+
+        def open_it():
+            start.wait()
+            try:
+                st = Storage(url)
+                results.append(st.schema)
+                st.engine.dispose()
+            except Exception as e:  # noqa: BLE001 - the assertion below names it
+                results.append(e)
+
+        threads = [threading.Thread(target=open_it) for _ in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        with admin.connect() as c:
+            c.execute(text(f"DROP DATABASE {db} WITH (FORCE)"))
+        assert results == [SCHEMA_VERSION] * 4, results
+    admin.dispose()
 
 
 def test_opening_a_new_file_while_another_process_creates_its_tables_waits(tmp_path):

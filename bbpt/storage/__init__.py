@@ -18,7 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import create_engine, delete, event, func, inspect, select, update
+from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
 from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, defer, sessionmaker
 
@@ -31,6 +31,7 @@ __all__ = ["DEFAULT_URL", "Storage", "CheckpointRow", "EvaluationRow", "RequestC
 
 DEFAULT_URL = "sqlite:///bbpt.db"
 SQLITE_TIMEOUT = 60.0    # seconds a SQLite statement waits for another process's lock
+SCHEMA_LOCK_KEY = 0x62627074    # PostgreSQL advisory lock taken while creating the schema ('bbpt')
 # compact() keeps the z of prompts scored on dev up to this size: a searched z (float32, d <= 4,096), not a
 # deep or full-space prompt (~23 kB for input-layer backprop on SmolLM2, ~0.7 MB at every layer)
 KEEP_DEV_Z_BYTES = 16384
@@ -171,16 +172,25 @@ class Storage:
     def _create_schema(self, create: bool) -> None:
         with self.session() as s, s.begin():
             if create:
-                # Look and create under the write lock, with the DDL inside the transaction: a process opening
-                # the file at the same moment then sees no tables or all of them with their schema version.
+                # Look and create under a lock, with the DDL inside the transaction: a process opening the
+                # database at the same moment then sees no tables or all of them with their schema version.
                 self._lock_now(s)
+                if self.engine.dialect.name == "postgresql":
+                    # PostgreSQL has no lock that a CREATE TABLE waits on before it looks: workers opening a
+                    # new server database together queue here instead (released at commit).
+                    s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
             have = inspect(s.connection())
-            if not create and not have.has_table(StudyRow.__tablename__):
+            # The studies table first: under PostgreSQL's READ COMMITTED each statement sees what was committed
+            # when it began, and every table is created in one transaction, so once studies is seen the
+            # schema_version rows are too. (Looked at the other way round, a database created between the two
+            # looks read a version-less schema 1.)
+            has_studies = have.has_table(StudyRow.__tablename__)
+            if not create and not has_studies:
                 raise StorageError(f"storage {self.url!r} holds no bbpt tables; check --storage (or "
                                    "$BBPT_STORAGE); studies are created by `bbpt optimize`")
             rows = (s.scalars(select(SchemaVersion.version)).all()
                     if have.has_table(SchemaVersion.__tablename__) else [])
-            if not rows and not have.has_table(StudyRow.__tablename__):
+            if not rows and not has_studies:
                 # A new database: every table at the newest schema, stamped for the migrations in the same
                 # transaction, so no database has tables but no revision.
                 from bbpt.storage.migrate import stamp_head
